@@ -1,0 +1,212 @@
+"""Hugging Face checkpoints: find them (local folder or Hub repo), check them, and load their weights.
+
+Weights are read with safetensors only (no pickle), one tensor at a time, straight into a model whose
+storage was allocated once in the target dtype and device: there is never a second full copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import Qwen3Config
+from .errors import CheckpointError, InvalidParameterError, ModelNotFoundError
+from .model import Qwen3
+
+MODEL_ALIASES = {"base": "Qwen/Qwen3-0.6B-Base", "reasoning": "Qwen/Qwen3-0.6B"}
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Buffers some old exports saved; they are recomputed, never loaded.
+_IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def resolve(model: str) -> Path:
+    """A local checkpoint folder for `model`: a path, a Hub repo id, or an alias (base, reasoning)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"{model} is a file, not a checkpoint folder (config.json, *.safetensors, tokenizer.json).")
+    repo_id = MODEL_ALIASES.get(model, model)
+    if not _REPO_ID.match(repo_id) or model.startswith((".", "/", "~")):
+        raise ModelNotFoundError(
+            f"{model} is neither a checkpoint folder nor a Hugging Face repo id like Qwen/Qwen3-0.6B "
+            f"(aliases: {', '.join(MODEL_ALIASES)})."
+        )
+    return download(repo_id)
+
+
+def download(repo_id: str) -> Path:
+    """Fetch (or find in the Hugging Face cache) the files a checkpoint needs; returns the snapshot folder."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    repo_id = MODEL_ALIASES.get(repo_id, repo_id)
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except errors.GatedRepoError:
+        raise ModelNotFoundError(f"{repo_id} is gated on the Hugging Face Hub: accept its licence and log in (hf auth login).") from None
+    except errors.RepositoryNotFoundError:
+        raise ModelNotFoundError(f"there is no model {repo_id} on the Hugging Face Hub (or it is private).") from None
+    except errors.LocalEntryNotFoundError:
+        reason = "HF_HUB_OFFLINE is set" if _offline() else "the Hub cannot be reached"
+        raise ModelNotFoundError(
+            f"{repo_id} is not in the local Hugging Face cache and {reason}; connect to the internet or pass a checkpoint folder."
+        ) from None
+    except (errors.HfHubHTTPError, OSError) as err:
+        raise ModelNotFoundError(f"downloading {repo_id} failed: {str(err).splitlines()[0]}") from None
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> the checkpoint's (our modules mirror Qwen3ForCausalLM under its `model.`)."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder: its config, generation defaults, and where each tensor lives."""
+
+    directory: Path
+    config: Qwen3Config
+    generation_config: dict = field(default_factory=dict)
+    tensor_files: dict[str, Path] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "Checkpoint":
+        directory = Path(directory)
+        if not (directory / "config.json").is_file():
+            raise CheckpointError(f"{directory} has no config.json, so it is not a Hugging Face checkpoint.")
+        config = Qwen3Config.from_file(directory / "config.json")
+        return cls(directory, config, _read_generation_config(directory), _tensor_files(directory))
+
+    def tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) one at a time, each file memory-mapped and opened once."""
+        with ExitStack() as stack:
+            handles = {}
+            for name in names:
+                file = self.tensor_files[name]
+                try:
+                    if file not in handles:
+                        handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+                    tensor = handles[file].get_tensor(name)
+                except (SafetensorError, OSError) as err:
+                    raise CheckpointError(f"{file} is corrupt or unreadable ({err}).") from None
+                yield name, tensor
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for file in sorted(set(self.tensor_files.values())):
+            try:
+                with safe_open(file, framework="pt") as handle:
+                    for name in handle.keys():
+                        shapes[name] = tuple(handle.get_slice(name).get_shape())
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{file} is corrupt or unreadable ({err}).") from None
+        return shapes
+
+
+def _read_generation_config(directory: Path) -> dict:
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}).") from None
+
+
+def _tensor_files(directory: Path) -> dict[str, Path]:
+    """Map every tensor name to its file: from the shard index if there is one, else from the file headers."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{index} is not a valid shard index ({err}).") from None
+        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        if missing:
+            raise CheckpointError(f"shard {missing[0]} named in {index.name} is missing from {directory}.")
+        return {name: directory / f for name, f in weight_map.items()}
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
+        hint = f" (found {pickles[0]}: pickled weights are never loaded; convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"{directory} has no *.safetensors weights{hint}.")
+    tensor_files = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                tensor_files.update(dict.fromkeys(handle.keys(), file))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file} is corrupt or unreadable ({err}).") from None
+    return tensor_files
+
+
+def check_tensors(model: Qwen3, checkpoint: Checkpoint) -> list[str]:
+    """Checkpoint names to load, in model order; refuses missing, extra or mis-shaped tensors by name."""
+    expected = {hf_name(name): tuple(p.shape) for name, p in model.named_parameters()}
+    found = {n: s for n, s in checkpoint.shapes().items() if not _IGNORED_TENSORS.match(n)}
+    if model.lm_head is None:
+        found.pop("lm_head.weight", None)  # a tied head may be saved too; the embedding is the one used
+    for name, shape in expected.items():
+        if name not in found:
+            raise CheckpointError(f"the checkpoint has no tensor {name}, which config.json requires.")
+        if found[name] != shape:
+            raise CheckpointError(
+                f"tensor {name} has shape {list(found[name])}, but config.json implies {list(shape)}."
+            )
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise CheckpointError(f"the checkpoint has a tensor {extra[0]} that this config does not use.")
+    return list(expected)
+
+
+def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> Qwen3:
+    """Build the model without initialising it, then copy each checkpoint tensor into place."""
+    with torch.device("meta"):
+        model = Qwen3(checkpoint.config).to(dtype)
+    names = check_tensors(model, checkpoint)
+    model.to_empty(device=device)
+    params = {hf_name(n): p for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, tensor in checkpoint.tensors(names):
+            params[name].copy_(tensor)
+    return model.eval()
+
+
+def default_device() -> torch.device:
+    """cuda, then mps, then xpu, then cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return torch.device("xpu")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on accelerators (half the bytes to read per token), float32 on the CPU."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    dtype = getattr(torch, aliases.get(name, name), None)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise InvalidParameterError(f"dtype must be one of float32, bfloat16, float16, not {name!r}.")
+    return dtype
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,238 @@
+"""The generation loop: prefill the prompt once, then one token at a time through the KV cache.
+
+The loop keeps tokens on the device and copies them to the host in chunks, so the GPU is not
+stalled by a host sync every step; rows that hit EOS or a stop string are cut afterwards, and the
+loop ends as soon as every row is finished.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .model import Qwen3
+from .sampling import SamplingParams, next_token
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+CACHE_ROUNDING = 256  # a compiled step keeps its graph while the cache is reused, so sizes come in few buckets
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float  # new tokens after the first, over the time they took
+    total_s: float
+    peak_memory_bytes: int
+    memory_kind: str  # what peak_memory_bytes measures: "cuda", "xpu", "mps" or "cpu-rss"
+
+    def summary(self) -> str:
+        return (
+            f"{self.prompt_tokens} prompt + {self.new_tokens} new tokens | TTFT {self.time_to_first_token_s * 1e3:.1f} ms | "
+            f"decode {self.decode_tokens_per_s:.1f} tok/s | total {self.total_s:.2f} s | "
+            f"peak memory {self.peak_memory_bytes / 2**20:.0f} MiB ({self.memory_kind})"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Generation:
+    """One row's result. token_ids are the new tokens, without a final EOS; text is their decoding, cut before a stop string."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    stats: GenerationStats | None = None
+
+
+@dataclass
+class RowState:
+    """Turns one row's tokens into text and decides when it is finished."""
+
+    detokenizer: IncrementalDetokenizer
+    eos_ids: frozenset[int]
+    stop: tuple[str, ...]
+    max_new_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of text already handed out as stream pieces
+    generated: int = 0  # tokens the model produced for this row, a final EOS included
+    finish_reason: str | None = None
+
+    def push(self, token: int) -> None:
+        if self.finish_reason:
+            return
+        self.generated += 1
+        if token in self.eos_ids:
+            self.finish(self.detokenizer.flush(), "stop")
+            return
+        self.token_ids.append(token)
+        piece = self.detokenizer.push([token])
+        if len(self.token_ids) >= self.max_new_tokens:
+            piece += self.detokenizer.flush()
+        self.text += piece
+        if self.stop and piece:
+            start = max(0, len(self.text) - len(piece) - max(map(len, self.stop)) + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.finish_reason = "stop"
+                return
+        if len(self.token_ids) >= self.max_new_tokens:
+            self.finish_reason = "length"
+
+    def finish(self, piece: str, reason: str) -> None:
+        self.text += piece
+        self.finish_reason = reason
+
+    def take_piece(self) -> str:
+        """New final text; while running, holds back a tail that could still become a stop string."""
+        end = len(self.text)
+        if not self.finish_reason and self.stop:
+            end -= max(map(len, self.stop)) - 1
+        piece = self.text[self.emitted : max(end, self.emitted)]
+        self.emitted += len(piece)
+        return piece
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one [batch, length] tensor, right-aligned, and each row's padding count."""
+    length = length or max(map(len, prompts))
+    pad = torch.tensor([length - len(p) for p in prompts])
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+    return ids, pad
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda"
+    if device.type == "xpu":
+        return torch.xpu.max_memory_allocated(device), "xpu"
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory(), "mps"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024, "cpu-rss"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "xpu":
+        torch.xpu.reset_peak_memory_stats(device)
+
+
+class Engine:
+    """Runs requests on one model: owns its KV cache and the (optionally compiled) decode step."""
+
+    def __init__(self, model: Qwen3, compile: bool = False) -> None:
+        self.model = model
+        self.device = model.embed_tokens.weight.device
+        self.compiled = compile
+        self.decode_step: Callable[..., torch.Tensor] = self._decode_step
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self.decode_step = torch.compile(self._decode_step, mode=mode, fullgraph=True)
+
+    def _decode_step(self, token: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        return self.model(token, input_pos=input_pos, pad=pad, last_only=True)[:, -1]
+
+    def ensure_cache(self, batch_size: int, length: int) -> None:
+        """Allocate the cache for this request; a compiled engine keeps a big-enough one (same graph, no recompile)."""
+        shape = self.model.cache_shape
+        if self.compiled:
+            if shape and shape[0] == batch_size and shape[1] >= length:
+                return
+            length = min(-(-length // CACHE_ROUNDING) * CACHE_ROUNDING, self.model.config.max_position_embeddings)
+        elif shape == (batch_size, length):
+            return
+        self.model.setup_cache(batch_size, length)
+
+    @torch.inference_mode()
+    def tokens(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        params: SamplingParams,
+        pad_id: int,
+        sync_every: int = 16,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the new tokens as host tensors [batch, k]: the first alone (time to first token), then chunks."""
+        ids, pad = left_pad(prompts, pad_id)
+        ids, pad = ids.to(self.device), pad.to(self.device)
+        batch, length = ids.shape
+        self.ensure_cache(batch, length + max_new_tokens)
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(self.device)
+            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        seen = None
+        if params.repetition_penalty != 1.0:
+            real = torch.arange(length, device=self.device) >= pad[:, None]
+            seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+            seen.scatter_(1, ids, real)
+
+        logits = self.model(ids, input_pos=torch.arange(length, device=self.device), pad=pad, last_only=True)[:, -1]
+        token = next_token(logits, seen, params, generator)
+        yield token[:, None].cpu()
+        input_pos = torch.tensor([length], device=self.device)
+        pending = []
+        for step in range(1, max_new_tokens):
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
+            logits = self.decode_step(token[:, None], input_pos, pad)
+            token = next_token(logits, seen, params, generator)
+            input_pos = input_pos + 1
+            pending.append(token)
+            if len(pending) == sync_every or step == max_new_tokens - 1:
+                yield torch.stack(pending, dim=1).cpu()
+                pending = []
+
+
+def run_rows(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    params: SamplingParams,
+    eos_ids: frozenset[int],
+    stop: tuple[str, ...],
+    sync_every: int,
+) -> Iterator[tuple[list[RowState], GenerationStats | None]]:
+    """Drive the engine and each row's state; yields after every chunk, and once more with the statistics."""
+    rows = [RowState(IncrementalDetokenizer(tokenizer), eos_ids, stop, max_new_tokens) for _ in prompts]
+    reset_peak_memory(engine.device)
+    start = time.perf_counter()
+    first_token_at = start
+    chunks = engine.tokens(prompts, max_new_tokens, params, tokenizer.pad_token_id or 0, sync_every)
+    for chunk in chunks:
+        if first_token_at == start:
+            first_token_at = time.perf_counter()
+        for row, tokens in zip(rows, chunk.tolist()):
+            for token in tokens:
+                row.push(token)
+        if all(row.finish_reason for row in rows):
+            chunks.close()
+        yield rows, None
+    end = time.perf_counter()
+    decoded = sum(max(row.generated - 1, 0) for row in rows)
+    memory, memory_kind = peak_memory(engine.device)
+    stats = GenerationStats(
+        prompt_tokens=sum(map(len, prompts)),
+        new_tokens=sum(len(row.token_ids) for row in rows),
+        time_to_first_token_s=first_token_at - start,
+        decode_tokens_per_s=decoded / (end - first_token_at) if decoded else 0.0,
+        total_s=end - start,
+        peak_memory_bytes=memory,
+        memory_kind=memory_kind,
+    )
+    yield rows, stats

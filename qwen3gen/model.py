@@ -1,0 +1,185 @@
+"""The Qwen3 architecture, and nothing else.
+
+    tokens -> embedding -> N x Block -> RMSNorm -> output head (tied to the embedding or not) -> logits
+    Block:  x + Attention(RMSNorm(x))  then  x + MLP(RMSNorm(x))
+    Attention: grouped-query, RMSNorm on every query and key head, rotary positions (split halves)
+    MLP: SwiGLU
+
+Module names follow the Hugging Face checkpoint ("layers.3.self_attn.q_proj.weight"), so loading is a
+one-to-one copy. Positions are tensors, so a compiled decode step never recompiles as it advances.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Qwen3Config
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 and cast back, as the reference does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position x frequency, shape [batch, 1, tokens, head_dim / 2].
+
+    Computed from the positions on every call (a few tiny ops) rather than from a 40,960-row table,
+    in float32 and then cast, exactly as the reference computes them.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    angles = positions[:, None, :, None].float() * inv_freq
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each head's (first half, second half) pairs by the position's angles."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer, pre-allocated for the whole request and written in place."""
+
+    def __init__(self, batch_size: int, length: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        shape = (batch_size, kv_heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(batch, tokens, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(batch, tokens, self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(batch, tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if slots is not None:
+            k, v = self.kv_cache.update(slots, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, slots)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask(query_slots: torch.Tensor, key_length: int, pad: torch.Tensor) -> torch.Tensor:
+    """Which key slots each query may see, [batch, 1, queries, keys].
+
+    Causal (key slot <= query slot), never a row's left padding (key slot >= pad[row]). A padding
+    query also sees itself, so no row of the mask is empty and no NaN enters the cache.
+    """
+    keys = torch.arange(key_length, device=query_slots.device)
+    causal = keys <= query_slots[:, None]
+    not_padding = keys >= pad[:, None, None]
+    return ((causal & not_padding) | (keys == query_slots[:, None]))[:, None]
+
+
+class Qwen3(nn.Module):
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def setup_cache(self, batch_size: int, length: int) -> None:
+        """Give every layer its own key/value buffers for `length` slots."""
+        weight = self.embed_tokens.weight
+        for layer in self.layers:
+            attn = layer.self_attn
+            attn.kv_cache = KVCache(batch_size, length, attn.n_kv_heads, attn.head_dim, weight.dtype, weight.device)
+
+    @property
+    def cache_shape(self) -> tuple[int, int] | None:
+        """(batch size, slots) of the current cache, or None."""
+        cache = self.layers[0].self_attn.kv_cache
+        return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        pad: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [batch, tokens, vocab] (or [batch, 1, vocab] with last_only).
+
+        Without input_pos: a plain causal pass over input_ids, no cache. With input_pos (the cache
+        slots these tokens go to, shape [tokens]): keys and values are written to the cache and
+        attention reads every slot. pad[row] is the number of left-padding slots of that row, so
+        its real tokens start at position 0.
+        """
+        batch, tokens = input_ids.shape
+        slots = input_pos
+        if input_pos is None:
+            input_pos = torch.arange(tokens, device=input_ids.device)
+        if pad is None:
+            pad = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        key_length = tokens if slots is None else self.layers[0].self_attn.kv_cache.k.shape[2]
+        mask = attention_mask(input_pos, key_length, pad)
+        positions = (input_pos[None, :] - pad[:, None]).clamp(min=0)
+        x = self.embed_tokens(input_ids)
+        rope = rotary_angles(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, mask, slots)
+        if last_only:
+            x = x[:, -1:]
+        return F.linear(self.norm(x), self.output_weight)

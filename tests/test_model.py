@@ -1,0 +1,105 @@
+"""The model against transformers' Qwen3ForCausalLM: logits, the KV cache, greedy decoding, compile."""
+
+import pytest
+import torch
+from checkpoints import QWEN3_0_6B, hf_model, write_checkpoint
+
+import qwen3gen
+from qwen3gen.checkpoint import Checkpoint, load_model
+
+PROMPT = "Explain large language models."
+
+
+def full_forward_greedy(model: qwen3gen.Qwen3, ids: list[int], steps: int) -> list[int]:
+    """Greedy decoding the slow way: the whole sequence through the model every step, no cache."""
+    seq = list(ids)
+    with torch.inference_mode():
+        for _ in range(steps):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def test_logits_match_transformers(tiny_llm, tiny_hf):
+    ids = torch.tensor([tiny_llm.tokenizer.encode(PROMPT + " And why do they work?")])
+    with torch.inference_mode():
+        ours, ref = tiny_llm.model(ids), tiny_hf(ids).logits
+    assert ours.shape == (1, ids.shape[1], 151936)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    last = tiny_llm.model(ids, last_only=True)
+    torch.testing.assert_close(last, ref[:, -1:], atol=1e-4, rtol=0)
+
+
+def test_untied_head_and_v4_config(tmp_path, tokenizer_dir):
+    hf = hf_model(seed=1, tie_word_embeddings=False, num_key_value_heads=4)
+    llm = qwen3gen.load(write_checkpoint(tmp_path, tokenizer_dir, hf, layout="v4"), device="cpu")
+    assert llm.model.lm_head is not None and not llm.model.config.tie_word_embeddings
+    ids = torch.randint(0, 151669, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(llm.model(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_cached_decoding_equals_full_forward(tiny_llm):
+    model = tiny_llm.model
+    ids = torch.randint(0, 151669, (2, 12))
+    with torch.inference_mode():
+        full = model(ids)
+        model.setup_cache(2, 20)
+        pieces = [model(ids[:, :5], input_pos=torch.arange(5))]
+        for t in range(5, 12):
+            pieces.append(model(ids[:, t : t + 1], input_pos=torch.tensor([t])))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_left_padded_rows_equal_unpadded(tiny_llm):
+    """A row's left padding changes nothing: positions restart at its first real token."""
+    model = tiny_llm.model
+    short, long = torch.randint(0, 151669, (1, 4)), torch.randint(0, 151669, (1, 9))
+    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], dim=1), long])
+    with torch.inference_mode():
+        model.setup_cache(2, 12)
+        padded = model(batch, input_pos=torch.arange(9), pad=torch.tensor([5, 0]))
+        step = model(torch.tensor([[7], [8]]), input_pos=torch.tensor([9]), pad=torch.tensor([5, 0]))
+        alone_short = model(torch.cat([short, torch.tensor([[7]])], dim=1))
+        alone_long = model(torch.cat([long, torch.tensor([[8]])], dim=1))
+    torch.testing.assert_close(padded[0, 5:], alone_short[0, :4], atol=1e-4, rtol=0)
+    torch.testing.assert_close(padded[1], alone_long[0, :9], atol=1e-4, rtol=0)
+    torch.testing.assert_close(step[0, 0], alone_short[0, -1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(step[1, 0], alone_long[0, -1], atol=1e-4, rtol=0)
+
+
+def test_greedy_tokens_equal_transformers_with_and_without_cache(tiny_llm, tiny_hf):
+    ids = tiny_llm.tokenizer.encode(PROMPT)
+    out = tiny_llm.generate(ids, max_new_tokens=40, temperature=0.0)
+    with torch.inference_mode():
+        ref = tiny_hf.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None)[0, len(ids):]
+    assert out.finish_reason == "length"
+    assert out.token_ids == ref.tolist()
+    assert full_forward_greedy(tiny_llm.model, ids, 40) == out.token_ids
+    assert out.text == tiny_llm.tokenizer.decode(out.token_ids)
+
+
+@pytest.mark.slow
+def test_compiled_greedy_equals_eager(tiny_checkpoint, tiny_llm):
+    compiled = qwen3gen.load(tiny_checkpoint, device="cpu", compile=True)
+    for prompt in (PROMPT, "Hi", "A longer prompt, so that the cache and the graph see another prompt length."):
+        eager = tiny_llm.generate(prompt, max_new_tokens=32, temperature=0.0)
+        assert compiled.generate(prompt, max_new_tokens=32, temperature=0.0).token_ids == eager.token_ids
+
+
+def test_preset_parameter_counts():
+    with torch.device("meta"):
+        counts = {name: sum(p.numel() for p in qwen3gen.Qwen3(cfg).parameters()) for name, cfg in qwen3gen.PRESETS.items()}
+    assert counts["0.6B"] == 596_049_920
+    assert set(counts) == {"0.6B", "1.7B", "4B", "8B", "14B", "32B"}
+    assert 1.6e9 < counts["1.7B"] < 1.8e9 and 7.9e9 < counts["8B"] < 8.3e9 and 32e9 < counts["32B"] < 33e9
+
+
+@pytest.mark.slow
+def test_full_0_6b_shape_matches_transformers(tmp_path, tokenizer_dir):
+    hf = hf_model(**QWEN3_0_6B, initializer_range=0.02)
+    checkpoint = Checkpoint.open(write_checkpoint(tmp_path, tokenizer_dir, hf))
+    assert checkpoint.config == qwen3gen.preset("0.6B").replace(torch_dtype="float32")
+    model = load_model(checkpoint, torch.device("cpu"), torch.float32)
+    ids = torch.tensor([[840, 20772, 3460, 4128, 4119, 13, 151645, 198]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
