@@ -36,7 +36,9 @@ def resolve(model: str) -> Path:
     if path.exists():
         raise ModelNotFoundError(f"{model} is a file, not a checkpoint folder (config.json, *.safetensors, tokenizer.json).")
     repo_id = MODEL_ALIASES.get(model, model)
-    if not _REPO_ID.match(repo_id) or model.startswith((".", "/", "~")):
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model.replace("/", ""):
+        raise ModelNotFoundError(f"there is no checkpoint folder at {model}.")
+    if not _REPO_ID.match(repo_id):
         raise ModelNotFoundError(
             f"{model} is neither a checkpoint folder nor a Hugging Face repo id like Qwen/Qwen3-0.6B "
             f"(aliases: {', '.join(MODEL_ALIASES)})."
@@ -61,8 +63,14 @@ def download(repo_id: str) -> Path:
         raise ModelNotFoundError(
             f"{repo_id} is not in the local Hugging Face cache and {reason}; connect to the internet or pass a checkpoint folder."
         ) from None
+    except errors.HFValidationError as err:  # passes our pattern but not the Hub's rules, e.g. "a/b--c"
+        raise ModelNotFoundError(f"{repo_id} is not a valid Hugging Face repo id ({_first_line(err)})") from None
     except (errors.HfHubHTTPError, OSError) as err:
-        raise ModelNotFoundError(f"downloading {repo_id} failed: {str(err).splitlines()[0]}") from None
+        raise ModelNotFoundError(f"downloading {repo_id} failed: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def hf_name(name: str) -> str:
@@ -201,6 +209,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
+    if not isinstance(name, str):
+        raise InvalidParameterError(f"dtype must be one of float32, bfloat16, float16, not {name!r}.")
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
     dtype = getattr(torch, aliases.get(name, name), None)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -209,4 +219,8 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    """HF_HUB_OFFLINE in the environment, or offline mode as huggingface_hub decided it (it reads the
+    variable, and TRANSFORMERS_OFFLINE, once at import; its constant may also be set in code)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or constants.is_offline_mode()

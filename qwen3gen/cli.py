@@ -1,0 +1,141 @@
+"""The `qwen3gen` command: a thin shell over the Python API (generate, chat, download)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import checkpoint
+from .errors import Qwen3GenError
+from .generate import GenerationStats
+from .llm import LLM, load
+
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def add_model_options(parser: argparse.ArgumentParser, default_model: str) -> None:
+    parser.add_argument("--model", default=default_model, help=f"checkpoint folder, Hub repo id, or alias base/reasoning (default: {default_model})")
+    parser.add_argument("--device", help="cuda, mps, xpu or cpu (default: the first available, in that order)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs, float32 on CPU)")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
+    group.add_argument("--max-new-tokens", type=int, help="most tokens to generate")
+    group.add_argument("--temperature", type=float, help="0 for greedy decoding")
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--min-p", type=float)
+    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--seed", type=int, help="same seed, same text")
+    group.add_argument("--stop", action="append", help="stop when this text appears (repeatable); it is not printed")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop")
+    return {name: getattr(args, name) for name in names}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen3gen", description="Text generation with Qwen3 models in pure PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="continue a prompt (default model: the base one)")
+    generate.add_argument("prompt", help="the prompt text, or - to read it from standard input")
+    add_model_options(generate, "base")
+    add_sampling_options(generate)
+    output = generate.add_mutually_exclusive_group()
+    output.add_argument("--stream", action="store_true", help="print text as it is generated")
+    output.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, stats")
+
+    chat = commands.add_parser("chat", help="interactive multi-turn chat (default model: the reasoning one)")
+    add_model_options(chat, "reasoning")
+    add_sampling_options(chat)
+    chat.add_argument("--no-think", action="store_true", help="answer directly, without a thinking block")
+    chat.add_argument("--system", help="a system prompt")
+
+    download = commands.add_parser("download", help="fetch a model into the Hugging Face cache, and nothing else")
+    download.add_argument("model", help="Hub repo id or alias (base, reasoning)")
+    return parser
+
+
+def print_stats(stats: GenerationStats | None) -> None:
+    if stats is not None:
+        print(stats.summary(), file=sys.stderr, flush=True)
+
+
+def run_generate(llm: LLM, args: argparse.Namespace) -> None:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    options = sampling_kwargs(args)
+    if args.stream:
+        stream = llm.stream(prompt, **options)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        print_stats(stream.result.stats)
+        return
+    out = llm.generate(prompt, **options)
+    if args.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason, "stats": out.stats.to_dict()}, ensure_ascii=False))
+    else:
+        print(out.text)
+    print_stats(out.stats)
+
+
+def run_chat(llm: LLM, args: argparse.Namespace) -> None:
+    """Read a line, stream the reply (thinking dimmed, apart from the answer), repeat; /reset clears, /exit or EOF ends."""
+    dim, reset = (DIM, RESET) if sys.stdout.isatty() else ("", "")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    print("qwen3gen chat: type a message; /reset starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        stream = llm.chat_stream(system + history, enable_thinking=not args.no_think, **sampling_kwargs(args))
+        kind_shown = None
+        for kind, text in stream:
+            if kind != kind_shown:
+                print(f"{dim}[thinking]\n" if kind == "reasoning" else f"{reset}\n" * (kind_shown is not None), end="")
+                kind_shown = kind
+            print(text, end="", flush=True)
+        print(reset)
+        history.append({"role": "assistant", "content": stream.result.answer})
+        print_stats(stream.result.stats)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "download":
+            print(checkpoint.download(args.model))
+            return 0
+        llm = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
+        if args.command == "generate":
+            run_generate(llm, args)
+        else:
+            run_chat(llm, args)
+    except Qwen3GenError as err:
+        print(f"qwen3gen: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

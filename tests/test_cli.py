@@ -1,0 +1,84 @@
+"""The command line: output formats, errors as one sentence with a non-zero exit, the chat REPL."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qwen3gen import cli
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_prints_text_and_stats(capsys, tiny_checkpoint, tiny_llm):
+    code, out, err = run(capsys, "generate", "Explain large language models.", "--model", str(tiny_checkpoint), "--max-new-tokens", "12", "--temperature", "0")
+    assert code == 0
+    assert out == tiny_llm.generate("Explain large language models.", max_new_tokens=12, temperature=0.0).text + "\n"
+    assert "12 new tokens" in err and "tok/s" in err and "TTFT" in err and "MiB" in err
+
+
+def test_generate_json_and_stream(capsys, tiny_checkpoint):
+    common = ["--model", str(tiny_checkpoint), "--max-new-tokens", "10", "--temperature", "0.8", "--seed", "1", "--top-k", "40"]
+    code, out, _ = run(capsys, "generate", "Hi", "--json", *common)
+    result = json.loads(out)
+    assert code == 0 and set(result) == {"text", "token_ids", "finish_reason", "stats"}
+    assert len(result["token_ids"]) == 10 and result["finish_reason"] == "length"
+    assert result["stats"]["new_tokens"] == 10
+    code, streamed, _ = run(capsys, "generate", "Hi", "--stream", *common)
+    assert code == 0 and streamed == result["text"] + "\n"
+
+
+def test_prompt_from_stdin(capsys, tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi"))
+    code, out, _ = run(capsys, "generate", "-", "--model", str(tiny_checkpoint), "--max-new-tokens", "3", "--json", "--temperature", "0")
+    assert code == 0 and json.loads(out)["stats"]["prompt_tokens"] == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--top-k", "-3"], "top_k must be an integer >= 0"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        (["--max-new-tokens", "100000"], "context of 512 tokens"),
+        (["--dtype", "int3"], "dtype must be one of"),
+    ],
+)
+def test_errors_are_one_sentence_and_exit_non_zero(capsys, tiny_checkpoint, args, message):
+    code, out, err = run(capsys, "generate", "Hi", "--model", str(tiny_checkpoint), *args)
+    assert code == 1 and out == ""
+    assert err.startswith("qwen3gen: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_model_through_the_real_entry_point(tmp_path):
+    """The installed console script: a bad path gives one line on stderr, exit 1, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwen3gen.cli", "generate", "Hi", "--model", str(tmp_path / "nope")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip() == f"qwen3gen: error: there is no checkpoint folder at {tmp_path / 'nope'}."
+
+
+def test_download_fetches_only(capsys, monkeypatch, tmp_path):
+    calls = []
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: calls.append(repo_id) or str(tmp_path))
+    code, out, _ = run(capsys, "download", "reasoning")
+    assert code == 0 and calls == ["Qwen/Qwen3-0.6B"] and out.strip() == str(tmp_path)
+
+
+def test_chat_repl_streams_and_keeps_history(capsys, tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\n/reset\nWhat is 2+2?\n/exit\nnever read\n"))
+    code, out, err = run(capsys, "chat", "--model", str(tiny_checkpoint), "--max-new-tokens", "5", "--temperature", "0", "--no-think")
+    assert code == 0
+    assert out.count(">>> ") == 5  # two messages, an empty line, /reset and /exit
+    assert err.count("5 new tokens") + err.count("tok/s") >= 2

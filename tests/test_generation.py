@@ -1,0 +1,186 @@
+"""Generation policy and the generation API: sampling, stopping, streaming, chat, errors."""
+
+import pytest
+import torch
+from transformers.generation import logits_process as hf
+
+import qwen3gen
+from qwen3gen.llm import ReasoningSplitter
+from qwen3gen.sampling import SamplingParams, apply_repetition_penalty, filter_logits, next_token
+
+PROMPT = "Explain large language models."
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.0, top_k=20),
+        SamplingParams(temperature=0.6, top_p=0.9),
+        SamplingParams(temperature=1.3, min_p=0.05),
+        SamplingParams(temperature=0.6, top_k=50, top_p=0.95, min_p=0.01),
+    ],
+)
+def test_filters_equal_transformers_warpers(params):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1000) * 3
+    warpers = [hf.TemperatureLogitsWarper(params.temperature)]
+    if params.top_k:
+        warpers.append(hf.TopKLogitsWarper(params.top_k))
+    if params.top_p < 1:
+        warpers.append(hf.TopPLogitsWarper(params.top_p))
+    if params.min_p:
+        warpers.append(hf.MinPLogitsWarper(params.min_p))
+    expected = logits.clone()
+    for warper in warpers:
+        expected = warper(None, expected)
+    assert torch.equal(torch.isinf(filter_logits(logits, params)), torch.isinf(expected))
+    torch.testing.assert_close(filter_logits(logits, params), expected)
+
+
+def test_repetition_penalty_equals_transformers():
+    torch.manual_seed(0)
+    logits, context = torch.randn(2, 100), torch.randint(0, 100, (2, 30))
+    seen = torch.zeros(2, 100, dtype=torch.bool).scatter_(1, context, True)
+    expected = hf.RepetitionPenaltyLogitsProcessor(1.3)(context, logits.clone())
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 1.3), expected)
+
+
+def test_greedy_is_argmax_and_sampling_respects_filters():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
+    assert next_token(logits, None, SamplingParams(), None).item() == 1
+    generator = torch.Generator().manual_seed(0)
+    draws = {next_token(logits, None, SamplingParams(temperature=5.0, top_k=2), generator).item() for _ in range(200)}
+    assert draws == {1, 2}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
+def test_invalid_parameters_are_refused(tiny_llm, kwargs, message):
+    with pytest.raises(qwen3gen.InvalidParameterError, match=message):
+        tiny_llm.generate(PROMPT, **{"max_new_tokens": 4, **kwargs})
+
+
+def test_bad_prompts_are_refused(tiny_llm):
+    with pytest.raises(qwen3gen.InvalidParameterError, match="empty"):
+        tiny_llm.generate("")
+    with pytest.raises(qwen3gen.InvalidParameterError, match="outside the vocabulary"):
+        tiny_llm.generate([1, 2, 10**7])
+    with pytest.raises(qwen3gen.ContextLengthError, match="context of 512 tokens"):
+        tiny_llm.generate(PROMPT, max_new_tokens=510)
+
+
+def test_same_seed_same_text(tiny_llm):
+    runs = [tiny_llm.generate(PROMPT, max_new_tokens=24, temperature=1.0, top_k=50, seed=s).token_ids for s in (7, 7, 8)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_defaults_come_from_generation_config(tiny_llm):
+    assert tiny_llm.default_sampling() == SamplingParams(temperature=0.6, top_k=20, top_p=0.95)
+    assert tiny_llm.eos_token_ids == {151643, 151645}
+    assert tiny_llm.sampling_params(temperature=0.0, top_k=None).greedy
+
+
+def test_stops_at_any_eos_id(tiny_llm):
+    reference = tiny_llm.generate(PROMPT, max_new_tokens=20, temperature=0.0)
+    eos = reference.token_ids[6]
+    first = reference.token_ids.index(eos)
+    saved = tiny_llm.eos_token_ids
+    tiny_llm.eos_token_ids = frozenset({123, eos})
+    try:
+        out = tiny_llm.generate(PROMPT, max_new_tokens=20, temperature=0.0)
+    finally:
+        tiny_llm.eos_token_ids = saved
+    assert out.finish_reason == "stop"
+    assert out.token_ids == reference.token_ids[:first]
+    assert out.text == tiny_llm.tokenizer.decode(out.token_ids)
+
+
+def test_stop_string_is_cut_from_the_text(tiny_llm):
+    reference = tiny_llm.generate(PROMPT, max_new_tokens=30, temperature=0.0)
+    stop = reference.text[len(reference.text) // 2 : len(reference.text) // 2 + 3]
+    out = tiny_llm.generate(PROMPT, max_new_tokens=30, temperature=0.0, stop=["never appears", stop])
+    assert out.finish_reason == "stop"
+    assert out.text == reference.text[: reference.text.index(stop)]
+    assert reference.token_ids[: len(out.token_ids)] == out.token_ids
+
+
+def test_stream_pieces_join_to_the_text(tiny_llm):
+    reference = tiny_llm.generate(PROMPT, max_new_tokens=30, temperature=0.0)
+    stream = tiny_llm.stream(PROMPT, max_new_tokens=30, temperature=0.0)
+    pieces = list(stream)
+    assert len(pieces) > 5 and "".join(pieces) == reference.text == stream.result.text
+    assert stream.result.token_ids == reference.token_ids
+    stop = reference.text[10:14]
+    assert "".join(tiny_llm.stream(PROMPT, max_new_tokens=30, temperature=0.0, stop=stop)) == reference.text[: reference.text.index(stop)]
+
+
+def test_stats_are_filled(tiny_llm):
+    stats = tiny_llm.generate(PROMPT, max_new_tokens=8, temperature=0.0).stats
+    assert stats.prompt_tokens == 6 and stats.new_tokens == 8
+    assert 0 < stats.time_to_first_token_s <= stats.total_s
+    assert stats.decode_tokens_per_s > 0 and stats.peak_memory_bytes > 2**20 and stats.memory_kind == "cpu-rss"
+    assert "tok/s" in stats.summary()
+
+
+def test_batch_greedy_equals_one_at_a_time(tiny_llm):
+    prompts = [PROMPT, "Hi", "Write a poem about the sea, in the style of a sailor's log."]
+    batch = tiny_llm.generate(prompts, max_new_tokens=24, temperature=0.0)
+    assert [b.token_ids for b in batch] == [tiny_llm.generate(p, max_new_tokens=24, temperature=0.0).token_ids for p in prompts]
+
+
+@pytest.mark.parametrize(
+    "pieces, thinking, reasoning, answer",
+    [
+        (["<think>\nHmm", " let me", " think.\n</th", "ink>\n\nThe answer."], False, "\nHmm let me think.\n", "The answer."),
+        (["Just an", " answer"], False, "", "Just an answer"),
+        (["<thi", "nk>ok</think>done"], False, "ok", "done"),
+        (["still thinking", " </think>\n\nyes"], True, "still thinking ", "yes"),
+        (["<think>\nnever closed"], False, "\nnever closed", ""),
+    ],
+)
+def test_reasoning_splitter(pieces, thinking, reasoning, answer):
+    splitter = ReasoningSplitter(thinking)
+    parts = [p for piece in pieces for p in splitter.feed(piece)] + splitter.flush()
+    assert "".join(t for k, t in parts if k == "reasoning") == reasoning
+    assert "".join(t for k, t in parts if k == "answer") == answer
+
+
+def test_chat_uses_the_template_and_splits_reasoning(tiny_llm):
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    result = tiny_llm.chat(messages, enable_thinking=False, max_new_tokens=12, temperature=0.0)
+    prompt = tiny_llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
+    direct = tiny_llm.generate(prompt, max_new_tokens=12, temperature=0.0)
+    assert result.generation.token_ids == direct.token_ids
+    assert result.reasoning == "" and result.answer == direct.text.strip()
+
+
+def scripted_tokens(llm, token_ids):
+    """Replace the engine's token source by a fixed reply, to test the chat path on a known output."""
+
+    def tokens(prompts, max_new_tokens, params, pad_id, sync_every=16):
+        for token in token_ids[:max_new_tokens]:
+            yield torch.tensor([[token]])
+
+    return tokens
+
+
+def test_chat_with_thinking_returns_reasoning_and_answer(tiny_llm, monkeypatch):
+    tok = tiny_llm.tokenizer
+    reply = tok.encode("<think>\nTwo plus two is four.\n</think>\n\nIt is 4.") + [151645]
+    monkeypatch.setattr(tiny_llm.engine, "tokens", scripted_tokens(tiny_llm, reply))
+    result = tiny_llm.chat([{"role": "user", "content": "What is 2+2?"}], enable_thinking=True, max_new_tokens=50)
+    assert result.reasoning == "Two plus two is four."
+    assert result.answer == "It is 4."
+    assert result.generation.finish_reason == "stop" and result.generation.token_ids == reply[:-1]
