@@ -8,9 +8,11 @@ import sys
 from collections.abc import Sequence
 
 from . import checkpoint
-from .errors import Qwen3GenError
-from .generate import GenerationStats
+from .bench import ENGINES, format_table, run_bench, to_json
+from .errors import InvalidParameterError, Qwen3GenError
+from .generate import Generation, GenerationStats
 from .llm import LLM, load
+from .quantize import QUANTIZATIONS
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -20,6 +22,7 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str) -> No
     parser.add_argument("--device", help="cuda, mps, xpu or cpu (default: the first available, in that order)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs, float32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization (int8: per-channel scales)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="continue a prompt (default model: the base one)")
-    generate.add_argument("prompt", help="the prompt text, or - to read it from standard input")
+    generate.add_argument("prompt", nargs="?", help="the prompt text, or - to read it from standard input")
+    generate.add_argument("--batch", metavar="FILE", help="generate for every line of FILE (- for standard input) as one batch")
+    generate.add_argument("-n", type=int, default=1, help="samples per prompt, generated as one batch")
     add_model_options(generate, "base")
     add_sampling_options(generate)
     output = generate.add_mutually_exclusive_group()
@@ -59,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     download = commands.add_parser("download", help="fetch a model into the Hugging Face cache, and nothing else")
     download.add_argument("model", help="Hub repo id or alias (base, reasoning)")
+
+    bench = commands.add_parser("bench", help="decode speed of qwen3gen against transformers, in one run")
+    bench.add_argument("--model", help="a checkpoint (default: random weights of --preset's shape, offline)")
+    bench.add_argument("--preset", default="0.6B", help="model shape when no --model is given (default: 0.6B)")
+    bench.add_argument("--device")
+    bench.add_argument("--dtype")
+    bench.add_argument("--quantize", choices=QUANTIZATIONS)
+    bench.add_argument("--prompt-tokens", type=int, default=32)
+    bench.add_argument("--new-tokens", type=int, default=256)
+    bench.add_argument("--batch", type=int, default=1, help="rows decoded together")
+    bench.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up run)")
+    bench.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    bench.add_argument("--json", action="store_true", help="print the setup and rows as JSON")
     return parser
 
 
@@ -67,7 +85,40 @@ def print_stats(stats: GenerationStats | None) -> None:
         print(stats.summary(), file=sys.stderr, flush=True)
 
 
+def generation_dict(out: Generation) -> dict:
+    return {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason, "stats": out.stats.to_dict()}
+
+
+def run_batch(llm: LLM, args: argparse.Namespace) -> None:
+    """One batch of every prompt line x n samples; JSON Lines with --json, else the texts one after another."""
+    with open(0 if args.batch == "-" else args.batch, encoding="utf-8") as lines:
+        prompts = [line.rstrip("\n") for line in lines if line.strip()]
+    if not prompts:
+        raise InvalidParameterError(f"{args.batch} holds no prompt.")
+    results = llm.generate(prompts, n=args.n, **sampling_kwargs(args))
+    flat = [g for group in results for g in (group if args.n > 1 else [group])]
+    for i, out in enumerate(flat):
+        prompt_index, sample = divmod(i, args.n)
+        print(json.dumps({"prompt": prompt_index, "sample": sample, **generation_dict(out)}, ensure_ascii=False) if args.json else f"--- prompt {prompt_index}, sample {sample} ({out.finish_reason})\n{out.text}")
+    print_stats(flat[0].stats)
+
+
 def run_generate(llm: LLM, args: argparse.Namespace) -> None:
+    if args.batch or args.n > 1:
+        if args.stream:
+            raise InvalidParameterError("--stream shows one generation; use --json or plain output with --batch or -n.")
+        if not args.batch:
+            args.batch = "-" if args.prompt == "-" else None
+        if not args.batch:
+            results = llm.generate(args.prompt, n=args.n, **sampling_kwargs(args))
+            for sample, out in enumerate(results):
+                print(json.dumps({"sample": sample, **generation_dict(out)}, ensure_ascii=False) if args.json else f"--- sample {sample} ({out.finish_reason})\n{out.text}")
+            print_stats(results[0].stats)
+            return
+        run_batch(llm, args)
+        return
+    if args.prompt is None:
+        raise InvalidParameterError("give a PROMPT, or --batch FILE.")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     options = sampling_kwargs(args)
     if args.stream:
@@ -79,7 +130,7 @@ def run_generate(llm: LLM, args: argparse.Namespace) -> None:
         return
     out = llm.generate(prompt, **options)
     if args.json:
-        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason, "stats": out.stats.to_dict()}, ensure_ascii=False))
+        print(json.dumps(generation_dict(out), ensure_ascii=False))
     else:
         print(out.text)
     print_stats(out.stats)
@@ -117,13 +168,27 @@ def run_chat(llm: LLM, args: argparse.Namespace) -> None:
         print_stats(stream.result.stats)
 
 
+def run_bench_command(args: argparse.Namespace) -> None:
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise InvalidParameterError(f"unknown engine {unknown[0]!r} (choose from {', '.join(ENGINES)}).")
+    setup, rows = run_bench(
+        args.model, args.preset, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.reps, args.quantize, engines
+    )
+    print(to_json(setup, rows) if args.json else format_table(setup, rows))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "download":
             print(checkpoint.download(args.model))
             return 0
-        llm = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
+        if args.command == "bench":
+            run_bench_command(args)
+            return 0
+        llm = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile, quantization=args.quantize)
         if args.command == "generate":
             run_generate(llm, args)
         else:

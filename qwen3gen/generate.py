@@ -131,20 +131,45 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.xpu.reset_peak_memory_stats(device)
 
 
+def bucket(length: int, limit: int) -> int:
+    """Round a prompt length up to a power of two (at least 16), so a compiled prefill sees few shapes."""
+    return min(max(16, 1 << (length - 1).bit_length()), limit)
+
+
 class Engine:
-    """Runs requests on one model: owns its KV cache and the (optionally compiled) decode step."""
+    """Runs requests on one model: owns its KV cache and the (optionally compiled) prefill and decode steps.
+
+    Compiled, the decode step is one CUDA graph on a GPU (mode "reduce-overhead"); prompts are left-padded
+    to a bucket length and the cache is kept while it is big enough, so new requests do not recompile.
+    """
 
     def __init__(self, model: Qwen3, compile: bool = False) -> None:
         self.model = model
         self.device = model.embed_tokens.weight.device
         self.compiled = compile
+        self.prefill: Callable[..., torch.Tensor] = self._prefill
         self.decode_step: Callable[..., torch.Tensor] = self._decode_step
         if compile:
+            # One graph per prefill bucket: more than dynamo's default limit of 8 shapes per function.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self.decode_step = torch.compile(self._decode_step, mode=mode, fullgraph=True)
+            self.decode_step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+            self.prefill = torch.compile(self._prefill, fullgraph=True, dynamic=False)
+
+    # Two functions, so that each compiled wrapper has its own code object, graphs and mode.
+    def _prefill(self, ids: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, input_pos=input_pos, pad=pad, last_only=True)[:, -1]
 
     def _decode_step(self, token: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         return self.model(token, input_pos=input_pos, pad=pad, last_only=True)[:, -1]
+
+    def warmup(self, batch_size: int, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Compile ahead of time the decode step and every prefill bucket up to prompt_tokens."""
+        top = bucket(prompt_tokens, self.model.config.max_position_embeddings - max_new_tokens)
+        self.ensure_cache(batch_size, top + max_new_tokens)
+        for length in [16 << k for k in range(12) if 16 << k < top] + [top]:
+            for _ in self.tokens([[0] * length] * batch_size, min(max_new_tokens, 3), SamplingParams(), pad_id=0):
+                pass
 
     def ensure_cache(self, batch_size: int, length: int) -> None:
         """Allocate the cache for this request; a compiled engine keeps a big-enough one (same graph, no recompile)."""
@@ -167,7 +192,10 @@ class Engine:
         sync_every: int = 16,
     ) -> Iterator[torch.Tensor]:
         """Yield the new tokens as host tensors [batch, k]: the first alone (time to first token), then chunks."""
-        ids, pad = left_pad(prompts, pad_id)
+        longest = max(map(len, prompts))
+        context = self.model.config.max_position_embeddings
+        length = bucket(longest, context - max_new_tokens) if self.compiled else longest
+        ids, pad = left_pad(prompts, pad_id, max(length, longest))
         ids, pad = ids.to(self.device), pad.to(self.device)
         batch, length = ids.shape
         self.ensure_cache(batch, length + max_new_tokens)
@@ -179,18 +207,18 @@ class Engine:
         if params.repetition_penalty != 1.0:
             real = torch.arange(length, device=self.device) >= pad[:, None]
             seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-            seen.scatter_(1, ids, real)
+            seen.scatter_(1, torch.where(real, ids, ids[:, -1:]), True)  # padding slots repeat the last real token
 
-        logits = self.model(ids, input_pos=torch.arange(length, device=self.device), pad=pad, last_only=True)[:, -1]
-        token = next_token(logits, seen, params, generator)
+        token = next_token(self.prefill(ids, torch.arange(length, device=self.device), pad), seen, params, generator)
         yield token[:, None].cpu()
         input_pos = torch.tensor([length], device=self.device)
         pending = []
         for step in range(1, max_new_tokens):
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
-            logits = self.decode_step(token[:, None], input_pos, pad)
-            token = next_token(logits, seen, params, generator)
+            if self.compiled and self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            token = next_token(self.decode_step(token[:, None], input_pos, pad), seen, params, generator)
             input_pos = input_pos + 1
             pending.append(token)
             if len(pending) == sync_every or step == max_new_tokens - 1:

@@ -12,6 +12,7 @@ from .checkpoint import Checkpoint, default_device, default_dtype, load_model, p
 from .errors import ContextLengthError, InvalidParameterError
 from .generate import Engine, Generation, GenerationStats, RowState, run_rows
 from .model import Qwen3
+from .quantize import quantize
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -144,6 +145,7 @@ class LLM:
         stop: str | Sequence[str] | None,
         sync_every: int,
         sampling: dict,
+        ignore_eos: bool = False,
     ) -> Iterator[tuple[list[RowState], GenerationStats | None]]:
         params = self.sampling_params(**sampling)
         if max_new_tokens is None:
@@ -160,7 +162,8 @@ class LLM:
                 f"the prompt has {longest} tokens and max_new_tokens is {max_new_tokens}: together more than "
                 f"the model's context of {context} tokens."
             )
-        return run_rows(self.engine, self.tokenizer, prompts, max_new_tokens, params, self.eos_token_ids, stops, sync_every)
+        eos = frozenset() if ignore_eos else self.eos_token_ids
+        return run_rows(self.engine, self.tokenizer, prompts, max_new_tokens, params, eos, stops, sync_every)
 
     def generate(
         self,
@@ -174,14 +177,24 @@ class LLM:
         repetition_penalty: float | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
-    ) -> Generation | list[Generation]:
-        """Generate for one prompt (text or token IDs), or for a list of them as one batch."""
+        n: int = 1,
+        ignore_eos: bool = False,
+    ) -> Generation | list[Generation] | list[list[Generation]]:
+        """Generate for one prompt (text or token IDs), or for a list of them as one batch.
+
+        With n > 1, each prompt gets n samples (rows of the same batch): a list for one prompt, a
+        list of lists for several. ignore_eos generates max_new_tokens whatever comes (benchmarks).
+        """
+        if n < 1:
+            raise InvalidParameterError(f"n must be >= 1, not {n}.")
         batched = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
-        prompts = [self.encode_prompt(p) for p in (prompt if batched else [prompt])]
+        prompts = [self.encode_prompt(p) for p in (prompt if batched else [prompt]) for _ in range(n)]
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-        for rows, stats in self._start(prompts, max_new_tokens, stop, 16, sampling):
+        for rows, stats in self._start(prompts, max_new_tokens, stop, 16, sampling, ignore_eos):
             pass
         results = [Generation(r.text, r.token_ids, r.finish_reason or "length", stats) for r in rows]
+        if n > 1:
+            results = [results[i : i + n] for i in range(0, len(results), n)]
         return results if batched else results[0]
 
     def stream(self, prompt: Prompt, max_new_tokens: int | None = None, *, stop: str | Sequence[str] | None = None, **sampling: float | int | None) -> TextStream:
@@ -224,11 +237,24 @@ class ChatStream:
         self.result = ChatResult("".join(parts["answer"]).strip(), "".join(parts["reasoning"]).strip(), self._stream.result)
 
 
-def load(model: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, compile: bool = False) -> LLM:
-    """Load a checkpoint folder, a Hub repo id, or an alias ("base", "reasoning")."""
+def load(
+    model: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    compile: bool = False,
+    quantization: str | None = None,
+) -> LLM:
+    """Load a checkpoint folder, a Hub repo id, or an alias ("base", "reasoning").
+
+    quantization="int8" stores the linear weights as int8 (per-channel scales); its activations default
+    to bfloat16, the dtype PyTorch's fused int8 kernels take.
+    """
     directory = resolve(str(model))
     checkpoint = Checkpoint.open(directory)
     tokenizer = Tokenizer.from_dir(directory)
     device = torch.device(device) if device is not None else default_device()
-    dtype = parse_dtype(dtype) or default_dtype(device)
-    return LLM(load_model(checkpoint, device, dtype), tokenizer, checkpoint.generation_config, compile=compile)
+    dtype = parse_dtype(dtype) or (torch.bfloat16 if quantization else default_dtype(device))
+    weights = load_model(checkpoint, device, dtype)
+    if quantization:
+        weights = quantize(weights, quantization)
+    return LLM(weights, tokenizer, checkpoint.generation_config, compile=compile)

@@ -182,4 +182,5 @@ class Qwen3(nn.Module):
             x = layer(x, rope, mask, slots)
         if last_only:
             x = x[:, -1:]
-        return F.linear(self.norm(x), self.output_weight)
+        x = self.norm(x)
+        return F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)

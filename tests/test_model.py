@@ -79,11 +79,17 @@ def test_greedy_tokens_equal_transformers_with_and_without_cache(tiny_llm, tiny_
 
 
 @pytest.mark.slow
-def test_compiled_greedy_equals_eager(tiny_checkpoint, tiny_llm):
+def test_compiled_greedy_equals_eager_without_recompiles(tiny_checkpoint, tiny_llm, monkeypatch):
+    """After warm-up (decode step + prefill buckets 16 and 32), 20 prompt lengths compile nothing new."""
     compiled = qwen3gen.load(tiny_checkpoint, device="cpu", compile=True)
-    for prompt in (PROMPT, "Hi", "A longer prompt, so that the cache and the graph see another prompt length."):
+    compiled.engine.warmup(batch_size=1, prompt_tokens=32, max_new_tokens=32)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for words in range(1, 21):
+        prompt = " ".join(["token"] * words) + "."
         eager = tiny_llm.generate(prompt, max_new_tokens=32, temperature=0.0)
         assert compiled.generate(prompt, max_new_tokens=32, temperature=0.0).token_ids == eager.token_ids
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_preset_parameter_counts():

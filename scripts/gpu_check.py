@@ -1,0 +1,107 @@
+"""Correctness on a CUDA device, checked against transformers; prints one PASS/FAIL line per check.
+
+Run on the GPU machine (see scripts/gpu_run.sh); the CPU test suite covers the same functions on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from checkpoints import QWEN3_0_6B, hf_model, write_checkpoint  # noqa: E402
+
+import qwen3gen  # noqa: E402
+from qwen3gen.bench import random_model  # noqa: E402
+from qwen3gen.generate import Engine  # noqa: E402
+from qwen3gen.quantize import quantize  # noqa: E402
+from qwen3gen.sampling import SamplingParams  # noqa: E402
+
+FAILURES: list[str] = []
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    print(f"{'PASS' if ok else 'FAIL'} {name} {detail}", flush=True)
+    if not ok:
+        FAILURES.append(name)
+
+
+def greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
+    return torch.cat(list(engine.tokens([prompt], n, SamplingParams(), pad_id=0)), dim=1)[0].tolist()
+
+
+def main(tokenizer_dir: Path, device: str = "cuda") -> int:
+    """device "cpu" with a 2-layer 0.6B shape is a dry run of this script, for catching its own bugs off the GPU."""
+    cuda = torch.device(device)
+    shape = qwen3gen.preset("0.6B") if device == "cuda" else qwen3gen.preset("0.6B").replace(num_hidden_layers=2)
+    print(torch.__version__, transformers.__version__, torch.cuda.get_device_name() if device == "cuda" else device, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = hf_model()
+        llm = qwen3gen.load(write_checkpoint(Path(tmp), tokenizer_dir, hf), device=device, dtype="float32")
+        hf = hf.to(cuda)
+        ids = torch.tensor([llm.tokenizer.encode("Explain large language models. And why do they work?")], device=cuda)
+        with torch.inference_mode():
+            diff = (llm.model(ids) - hf(ids).logits).abs().max().item()
+        check("tiny float32 logits vs transformers (cuda)", diff < 1e-4, f"max |diff| {diff:.2e}")
+        prompt = ids[0].tolist()
+        out = llm.generate(prompt, max_new_tokens=40, temperature=0.0, ignore_eos=True)
+        with torch.inference_mode():
+            ref = hf.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()
+        check("tiny float32 greedy 40 tokens == transformers (cuda)", out.token_ids == ref)
+        prompts = ["Hi", "Explain large language models.", "A much longer prompt that needs more padding on the left side of the batch."]
+        batch = llm.generate(prompts, max_new_tokens=24, temperature=0.0, ignore_eos=True)
+        single = [llm.generate(p, max_new_tokens=24, temperature=0.0, ignore_eos=True).token_ids for p in prompts]
+        check("tiny float32 batch == one at a time (cuda)", [b.token_ids for b in batch] == single)
+
+    torch.manual_seed(0)
+    hf = hf_model(**{**QWEN3_0_6B, "num_hidden_layers": shape.num_hidden_layers}, initializer_range=0.02).to(cuda)
+    model = random_model(shape, cuda, torch.float32)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"})
+    ids = torch.randint(0, 151643, (2, 33), device=cuda)
+    with torch.inference_mode():
+        diff = (model(ids) - hf(ids).logits).abs().max().item()
+    check("0.6B float32 logits vs transformers (cuda)", diff < 1e-4, f"max |diff| {diff:.2e}")
+    del hf, model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    # Eager first, then compiled: the two engines share the model, and so its KV cache buffers.
+    model = random_model(shape, cuda, torch.bfloat16)
+    prompts = [torch.randint(0, 151643, (n,)).tolist() for n in range(3, 63, 3)]
+    eager_tokens = [greedy(Engine(model), prompt, 32) for prompt in prompts]
+    compiled = Engine(model, compile=True)
+    start = time.perf_counter()
+    compiled.warmup(batch_size=1, prompt_tokens=64, max_new_tokens=64)
+    warmup = time.perf_counter() - start
+    check("compile warm-up (decode + prefill buckets 16/32/64) under 60 s", warmup < 60, f"{warmup:.1f} s")
+    torch._dynamo.config.error_on_recompile = True
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    agree, gaps = [], []
+    for prompt, a in zip(prompts, eager_tokens):
+        b = greedy(compiled, prompt, 32)
+        agree.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 32))
+        if agree[-1] < 32:  # how close the two choices were, in the eager model's own bf16 logits
+            k = agree[-1]
+            with torch.inference_mode():
+                logits = model(torch.tensor([prompt + a[:k]], device=cuda))[0, -1].float()
+            gaps.append(f"token {k}: logit {logits[a[k]]:.4f} vs {logits[b[k]]:.4f} (top-1 {logits.max():.4f})")
+    check("no recompiles across 20 prompt lengths (cuda)", torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs)
+    torch._dynamo.config.error_on_recompile = False
+    check("bf16 compiled greedy == eager, first 32 tokens, 20 prompts", min(agree) == 32, f"leading agreement per prompt: {agree}")
+    for gap in gaps:
+        print("    divergence at", gap)
+
+    quantized = Engine(quantize(random_model(shape, cuda, torch.bfloat16), "int8"), compile=True)
+    tokens = greedy(quantized, prompts[0], 16)
+    check("int8 (dequantise-in-matmul path) compiled runs on cuda", len(tokens) == 16)
+    print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all CUDA checks passed", flush=True)
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), *sys.argv[2:]))
