@@ -19,7 +19,6 @@ from checkpoints import QWEN3_0_6B, hf_model, write_checkpoint  # noqa: E402
 import qwen3gen  # noqa: E402
 from qwen3gen.bench import random_model  # noqa: E402
 from qwen3gen.generate import Engine  # noqa: E402
-from qwen3gen.quantize import quantize  # noqa: E402
 from qwen3gen.sampling import SamplingParams  # noqa: E402
 
 FAILURES: list[str] = []
@@ -72,13 +71,13 @@ def main(tokenizer_dir: Path, device: str = "cuda") -> int:
 
     # Eager first, then compiled: the two engines share the model, and so its KV cache buffers.
     model = random_model(shape, cuda, torch.bfloat16)
-    prompts = [torch.randint(0, 151643, (n,)).tolist() for n in range(3, 63, 3)]
+    prompts = [torch.randint(0, 151643, (n,)).tolist() for n in range(1, 21)]
     eager_tokens = [greedy(Engine(model), prompt, 32) for prompt in prompts]
     compiled = Engine(model, compile=True)
     start = time.perf_counter()
-    compiled.warmup(batch_size=1, prompt_tokens=64, max_new_tokens=64)
+    compiled.warmup(batch_size=1, prompt_tokens=32, max_new_tokens=32)
     warmup = time.perf_counter() - start
-    check("compile warm-up (decode + prefill buckets 16/32/64) under 60 s", warmup < 60, f"{warmup:.1f} s")
+    check("compile warm-up (decode + prefill buckets 16/32) under 60 s", warmup < 60, f"{warmup:.1f} s")
     torch._dynamo.config.error_on_recompile = True
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     agree, gaps = [], []
@@ -96,9 +95,6 @@ def main(tokenizer_dir: Path, device: str = "cuda") -> int:
     for gap in gaps:
         print("    divergence at", gap)
 
-    quantized = Engine(quantize(random_model(shape, cuda, torch.bfloat16), "int8"), compile=True)
-    tokens = greedy(quantized, prompts[0], 16)
-    check("int8 (dequantise-in-matmul path) compiled runs on cuda", len(tokens) == 16)
     print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all CUDA checks passed", flush=True)
     return 1 if FAILURES else 0
 

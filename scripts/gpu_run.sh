@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # On the lent H200 (its own torch and transformers; nothing installed): CUDA correctness, then the benchmark tables.
-# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR
+# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR
+# Each step has its own time limit and log file, so a slow step cannot take the others' results with it.
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 scripts/gpu_check.py "$1"
-bench() { echo; echo "\$ qwen3gen bench $*"; python3 -m qwen3gen.cli bench --device cuda --dtype bfloat16 "$@"; }
-bench --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3
-bench --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3
-bench --prompt-tokens 1024 --new-tokens 16 --batch 1 --reps 5 --engines qwen3gen,qwen3gen-compiled
-bench --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --quantize int8 --engines qwen3gen-compiled
+out="$2"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
+timeout 210 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
+step=0
+bench() {
+    step=$((step + 1))
+    local limit=$1; shift
+    echo "\$ qwen3gen bench --device cuda --dtype bfloat16 $*" > "$out/bench$step.log"
+    timeout "$limit" python3 -m qwen3gen.cli bench --device cuda --dtype bfloat16 "$@" >> "$out/bench$step.log" 2>&1
+}
+bench 150 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3
+bench 90 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 2 --engines qwen3gen,qwen3gen-compiled,transformers
+bench 60 --prompt-tokens 1024 --new-tokens 16 --batch 1 --reps 5 --engines qwen3gen,qwen3gen-compiled
+bench 60 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --quantize int8 --engines qwen3gen-compiled
