@@ -23,7 +23,8 @@ from .model import Qwen3
 from .quantize import quantize
 from .sampling import SamplingParams
 
-ENGINES = ("qwen3gen", "qwen3gen-compiled", "transformers", "transformers-static")
+# transformers first: its row is the baseline of every later row's ratio, and its tokens the reference.
+ENGINES = ("transformers", "qwen3gen", "qwen3gen-compiled", "transformers-static")
 
 
 @dataclass
@@ -164,7 +165,9 @@ def run_bench(
     reps: int = 3,
     quantization: str | None = None,
     engines: tuple[str, ...] = ENGINES,
+    on_row: Callable[[dict, BenchRow], None] | None = None,
 ) -> tuple[dict, list[BenchRow]]:
+    """Measure every engine in turn; on_row(setup, row) sees each row as soon as it is measured."""
     dev = torch.device(device) if device else default_device()
     dt = parse_dtype(dtype) or default_dtype(dev)
     checkpoint_dir = str(resolve(model_name)) if model_name else None
@@ -184,6 +187,21 @@ def run_bench(
     if quantization:
         model = quantize(model, quantization)
     step_bytes = weight_bytes_per_step(model) + kv
+    setup = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
+        "dtype": str(dt).removeprefix("torch."),
+        "model": checkpoint_dir or f"random weights, Qwen3-{preset_name} shape",
+        "quantization": quantization,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "batch": batch,
+        "reps": reps,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "bytes_per_decode_step": step_bytes,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    baseline = None
     for name in engines:
         if name == "transformers-static" and dev.type != "cuda":
             continue  # transformers compiles its static-cache path only on accelerators
@@ -208,41 +226,32 @@ def run_bench(
             warmup_s=warmup,
             same_tokens=same,
         ))
-    baseline = next((r.decode_tokens_per_s for r in rows if r.engine == "transformers"), None)
-    for row in rows:
+        row = rows[-1]
+        baseline = row.decode_tokens_per_s if name == "transformers" else baseline
         row.vs_transformers = row.decode_tokens_per_s / baseline if baseline else None
         row.bandwidth_share = row.bandwidth_gb_s * 1e9 / bandwidth
-    setup = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
-        "dtype": str(dt).removeprefix("torch."),
-        "model": checkpoint_dir or f"random weights, Qwen3-{preset_name} shape",
-        "quantization": quantization,
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
-        "batch": batch,
-        "reps": reps,
-        "copy_bandwidth_gb_s": bandwidth / 1e9,
-        "bytes_per_decode_step": step_bytes,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
+        if on_row:
+            on_row(setup, row)
     return setup, rows
 
 
-def format_table(setup: dict, rows: list[BenchRow]) -> str:
-    head = (
+TABLE_HEAD = "| engine | TTFT ms | decode tok/s | x transformers | GB/s | % of bandwidth | peak MiB | warm-up s | same first-32 tokens |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+
+
+def format_setup(setup: dict) -> str:
+    return (
         f"{setup['model']} | {setup['device']} {setup['dtype']} | batch {setup['batch']} | prompt {setup['prompt_tokens']} "
         f"+ {setup['new_tokens']} new tokens | median of {setup['reps']} | copy bandwidth {setup['copy_bandwidth_gb_s']:.1f} GB/s "
         f"| torch {setup['torch']}"
     )
-    lines = [head, "", "| engine | TTFT ms | decode tok/s | x transformers | GB/s | % of bandwidth | peak MiB | warm-up s | same first-32 tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio = f"{r.vs_transformers:.2f}" if r.vs_transformers else "-"
-        lines.append(
-            f"| {r.engine} | {r.time_to_first_token_ms:.1f} | {r.decode_tokens_per_s:.1f} | {ratio} | {r.bandwidth_gb_s:.1f} "
-            f"| {100 * r.bandwidth_share:.0f}% | {r.peak_memory_mib:.0f} | {r.warmup_s:.1f} | {r.same_tokens} |"
-        )
-    return "\n".join(lines)
+
+
+def format_row(r: BenchRow) -> str:
+    ratio = f"{r.vs_transformers:.2f}" if r.vs_transformers else "-"
+    return (
+        f"| {r.engine} | {r.time_to_first_token_ms:.1f} | {r.decode_tokens_per_s:.1f} | {ratio} | {r.bandwidth_gb_s:.1f} "
+        f"| {100 * r.bandwidth_share:.0f}% | {r.peak_memory_mib:.0f} | {r.warmup_s:.1f} | {r.same_tokens} |"
+    )
 
 
 def to_json(setup: dict, rows: list[BenchRow]) -> str:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from . import checkpoint
-from .bench import ENGINES, format_table, run_bench, to_json
+from .bench import ENGINES, TABLE_HEAD, BenchRow, format_row, format_setup, run_bench, to_json
 from .errors import InvalidParameterError, Qwen3GenError
 from .generate import Generation, GenerationStats
 from .llm import LLM, load
@@ -173,10 +173,21 @@ def run_bench_command(args: argparse.Namespace) -> None:
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         raise InvalidParameterError(f"unknown engine {unknown[0]!r} (choose from {', '.join(ENGINES)}).")
+    shown: list[BenchRow] = []
+
+    def show(setup: dict, row: BenchRow) -> None:
+        """Print each row as soon as it is measured (the header before the first)."""
+        if not shown:
+            print(format_setup(setup), "", TABLE_HEAD, sep="\n")
+        shown.append(row)
+        print(format_row(row), flush=True)
+
     setup, rows = run_bench(
-        args.model, args.preset, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.reps, args.quantize, engines
+        args.model, args.preset, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.reps,
+        args.quantize, engines, on_row=None if args.json else show,
     )
-    print(to_json(setup, rows) if args.json else format_table(setup, rows))
+    if args.json:
+        print(to_json(setup, rows))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # On the lent H200 (its own torch and transformers; nothing installed): CUDA correctness, then the benchmark tables.
-# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR
-# Each step has its own time limit and log file, so a slow step cannot take the others' results with it.
+# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|all]
+# Each step has its own time limit and log file, so a slow step cannot take the others' results with it;
+# the bench prints each row as soon as it is measured.
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 out="$2"
+what="${3:-all}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
-timeout 210 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
+if [ "$what" != bench ]; then
+    timeout 210 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
+fi
+[ "$what" = check ] && exit 0
 step=0
 bench() {
     step=$((step + 1))
@@ -14,7 +19,7 @@ bench() {
     echo "\$ qwen3gen bench --device cuda --dtype bfloat16 $*" > "$out/bench$step.log"
     timeout "$limit" python3 -m qwen3gen.cli bench --device cuda --dtype bfloat16 "$@" >> "$out/bench$step.log" 2>&1
 }
-bench 150 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3
-bench 90 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 2 --engines qwen3gen,qwen3gen-compiled,transformers
-bench 60 --prompt-tokens 1024 --new-tokens 16 --batch 1 --reps 5 --engines qwen3gen,qwen3gen-compiled
-bench 60 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --quantize int8 --engines qwen3gen-compiled
+bench 170 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --engines transformers,qwen3gen-compiled,qwen3gen,transformers-static
+bench 100 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 2 --engines transformers,qwen3gen-compiled
+bench 60 --prompt-tokens 1024 --new-tokens 8 --batch 1 --reps 5 --engines qwen3gen-compiled
+bench 70 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --quantize int8 --engines qwen3gen-compiled
