@@ -93,7 +93,7 @@ def transformers_model(model: Qwen3, checkpoint_dir: str | None) -> torch.nn.Mod
 
     weight = model.embed_tokens.weight
     if checkpoint_dir:
-        return transformers.Qwen3ForCausalLM.from_pretrained(checkpoint_dir, dtype=weight.dtype).to(weight.device).eval()
+        return transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=weight.dtype).to(weight.device).eval()
     cfg = model.config
     hf_config = transformers.Qwen3Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
@@ -169,7 +169,7 @@ def run_bench(
 ) -> tuple[dict, list[BenchRow]]:
     """Measure every engine in turn; on_row(setup, row) sees each row as soon as it is measured."""
     dev = torch.device(device) if device else default_device()
-    dt = parse_dtype(dtype) or default_dtype(dev)
+    dt = parse_dtype(dtype) or default_dtype(dev, quantization)
     checkpoint_dir = str(resolve(model_name)) if model_name else None
     if checkpoint_dir:
         model = load_model(Checkpoint.open(checkpoint_dir), dev, dt)

@@ -201,9 +201,10 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on accelerators (half the bytes to read per token), float32 on the CPU."""
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
+def default_dtype(device: torch.device, quantization: str | None = None) -> torch.dtype:
+    """bf16 on accelerators (half the bytes to read per token), float32 on the CPU; bf16 activations
+    with int8 weights, the dtype PyTorch's fused int8 kernels take."""
+    return torch.float32 if device.type == "cpu" and not quantization else torch.bfloat16
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:

@@ -1,4 +1,4 @@
-"""Model shape: read from a checkpoint's config.json, or taken from a preset for each dense Qwen3 size."""
+"""Model shape: read from a checkpoint's config.json (Qwen3, or Qwen2 / Qwen2.5), or taken from a preset for each dense Qwen3 size."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from .errors import CheckpointError
 
-SUPPORTED_MODEL_TYPES = ("qwen3",)
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,11 @@ class Qwen3Config:
     rope_theta: float = 1_000_000.0
     tie_word_embeddings: bool = True
     torch_dtype: str = "bfloat16"  # the dtype the weights were saved in
+    # Switches between the family's architectures (see model.py); the defaults are Qwen3's.
+    model_type: str = "qwen3"  # "qwen3" or "qwen2" (Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen)
+    qk_norm: bool = True  # RMSNorm on every query and key head (Qwen3), or none (Qwen2)
+    attention_bias: bool = False  # biases on q_proj, k_proj, v_proj (always on in Qwen2)
+    o_proj_bias: bool = False  # a bias on o_proj (Qwen3 with attention_bias; never in Qwen2)
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -54,8 +59,12 @@ class Qwen3Config:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise CheckpointError(f"RoPE scaling of type {rope_type!r} is not supported.")
-        if cfg.get("use_sliding_window"):
-            raise CheckpointError("sliding-window attention (use_sliding_window: true) is not supported.")
+        if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
+            raise CheckpointError(
+                "config.json asks for sliding-window attention (use_sliding_window: true), which is not implemented."
+            )
+        qwen2 = model_type == "qwen2"  # transformers' Qwen2 has q/k/v biases and no q/k norm whatever config.json says
+        attention_bias = True if qwen2 else bool(cfg.get("attention_bias", False))
         try:
             heads = cfg["num_attention_heads"]
             return cls(
@@ -71,6 +80,10 @@ class Qwen3Config:
                 rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10_000.0))),
                 tie_word_embeddings=cfg.get("tie_word_embeddings", False),
                 torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"),
+                model_type=model_type,
+                qk_norm=not qwen2,
+                attention_bias=attention_bias,
+                o_proj_bias=attention_bias and not qwen2,
             )
         except KeyError as missing:
             raise CheckpointError(f"config.json has no {missing.args[0]!r} field.") from None

@@ -244,17 +244,22 @@ def load(
     compile: bool = False,
     quantization: str | None = None,
 ) -> LLM:
-    """Load a checkpoint folder, a Hub repo id, or an alias ("base", "reasoning").
+    """Load a checkpoint folder, a Hub repo id, an alias ("base", "reasoning"), or a .gguf file (qwen3, qwen2).
 
-    quantization="int8" stores the linear weights as int8 (per-channel scales); its activations default
-    to bfloat16, the dtype PyTorch's fused int8 kernels take.
+    quantization="int8" stores the linear weights as int8 (per-channel scales), with bf16 activations by default.
     """
-    directory = resolve(str(model))
-    checkpoint = Checkpoint.open(directory)
-    tokenizer = Tokenizer.from_dir(directory)
+    if str(model).lower().endswith(".gguf"):
+        from . import gguf  # imports the gguf package, for .gguf files only
+
+        checkpoint = gguf.GGUFCheckpoint.open(model)
+        tokenizer, read_weights = checkpoint.tokenizer(), gguf.load_model
+    else:
+        directory = resolve(str(model))
+        checkpoint = Checkpoint.open(directory)
+        tokenizer, read_weights = Tokenizer.from_dir(directory), load_model
     device = torch.device(device) if device is not None else default_device()
-    dtype = parse_dtype(dtype) or (torch.bfloat16 if quantization else default_dtype(device))
-    weights = load_model(checkpoint, device, dtype)
+    dtype = parse_dtype(dtype) or default_dtype(device, quantization)
+    weights = read_weights(checkpoint, device, dtype)
     if quantization:
         weights = quantize(weights, quantization)
     return LLM(weights, tokenizer, checkpoint.generation_config, compile=compile)

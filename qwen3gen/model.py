@@ -1,9 +1,13 @@
-"""The Qwen3 architecture, and nothing else.
+"""The Qwen3 architecture, and Qwen2 / Qwen2.5 through two config switches, and nothing else.
 
     tokens -> embedding -> N x Block -> RMSNorm -> output head (tied to the embedding or not) -> logits
     Block:  x + Attention(RMSNorm(x))  then  x + MLP(RMSNorm(x))
     Attention: grouped-query, RMSNorm on every query and key head, rotary positions (split halves)
     MLP: SwiGLU
+
+Qwen2 (model_type "qwen2": Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen) differs only in attention:
+cfg.attention_bias puts biases on q_proj/k_proj/v_proj (cfg.o_proj_bias on o_proj, Qwen3's own
+attention_bias), and cfg.qk_norm=False drops the query/key norms. config.py sets both from config.json.
 
 Module names follow the Hugging Face checkpoint ("layers.3.self_attn.q_proj.weight"), so loading is a
 one-to-one copy. Positions are tensors, so a compiled decode step never recompiles as it advances.
@@ -58,6 +62,9 @@ class KVCache(nn.Module):
         shape = (batch_size, kv_heads, length, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Fixed addresses: a CUDA graph may then write the cache in place instead of being skipped for it.
+        torch._dynamo.mark_static_address(self.k)
+        torch._dynamo.mark_static_address(self.v)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.k.index_copy_(2, slots, k)
@@ -69,12 +76,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: Qwen3Config) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
+        # Identity holds no parameters, so a Qwen2 model has no q_norm/k_norm tensors to load.
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:

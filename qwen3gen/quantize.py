@@ -25,19 +25,22 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         q, scales = quantize_per_channel(weight)
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.detach())  # kept exact (Qwen2's q/k/v biases); None registers nothing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.bfloat16:
             # PyTorch's fused CPU kernel: reads int8, never materialises a dequantised matrix.
             out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
-            return out.view(*x.shape[:-1], -1)
-        # Elsewhere: dequantise inside the matmul's input; torch.compile fuses the cast into the kernel.
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+            out = out.view(*x.shape[:-1], -1)
+        else:
+            # Elsewhere: dequantise inside the matmul's input; torch.compile fuses the cast into the kernel.
+            out = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        return out if self.bias is None else out + self.bias
 
 
 def quantize(model: Qwen3, method: str) -> Qwen3:
@@ -48,7 +51,7 @@ def quantize(model: Qwen3, method: str) -> Qwen3:
         for module in list(model.modules()):
             for name, child in module.named_children():
                 if isinstance(child, nn.Linear):
-                    setattr(module, name, Int8Linear(child.weight))
+                    setattr(module, name, Int8Linear(child.weight, child.bias))
         if not isinstance(model.lm_head, Int8Linear):
             model.lm_head = Int8Linear(model.output_weight)
     return model

@@ -43,6 +43,22 @@ def hf_model(seed: int = 0, **overrides: object) -> transformers.Qwen3ForCausalL
     return transformers.Qwen3ForCausalLM(config).eval()
 
 
+def hf_qwen2_model(seed: int = 0, **overrides: object) -> transformers.Qwen2ForCausalLM:
+    """A random Qwen2ForCausalLM (Qwen2 / Qwen2.5): TINY's shape with head_dim = hidden_size // heads unless given.
+
+    transformers starts the q/k/v biases at zero, which would hide a bias that is never loaded: they are randomised.
+    """
+    torch.manual_seed(seed)
+    shape = {k: v for k, v in TINY.items() if k != "head_dim"}
+    config = transformers.Qwen2Config(**{**shape, **overrides})
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(std=config.initializer_range)
+    return model
+
+
 def write_checkpoint(
     directory: Path,
     tokenizer_dir: Path,

@@ -82,3 +82,12 @@ def test_chat_repl_streams_and_keeps_history(capsys, tiny_checkpoint, monkeypatc
     assert code == 0
     assert out.count(">>> ") == 5  # two messages, an empty line, /reset and /exit
     assert err.count("5 new tokens") + err.count("tok/s") >= 2
+
+
+def test_batch_file_and_samples(capsys, tiny_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi\nExplain large language models.\n\n")
+    code, out, err = run(capsys, "generate", "--batch", str(prompts), "-n", "2", "--model", str(tiny_checkpoint), "--max-new-tokens", "4", "--temperature", "0.9", "--seed", "5", "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [(x["prompt"], x["sample"]) for x in lines] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(len(x["token_ids"]) == 4 for x in lines) and "tok/s" in err

@@ -184,3 +184,28 @@ def test_chat_with_thinking_returns_reasoning_and_answer(tiny_llm, monkeypatch):
     assert result.reasoning == "Two plus two is four."
     assert result.answer == "It is 4."
     assert result.generation.finish_reason == "stop" and result.generation.token_ids == reply[:-1]
+
+
+def test_n_samples_per_prompt(tiny_llm):
+    samples = tiny_llm.generate(PROMPT, max_new_tokens=12, temperature=1.0, seed=3, n=3)
+    assert len(samples) == 3 and len({tuple(s.token_ids) for s in samples}) == 3
+    assert samples == tiny_llm.generate(PROMPT, max_new_tokens=12, temperature=1.0, seed=3, n=3)
+    grouped = tiny_llm.generate([PROMPT, "Hi"], max_new_tokens=6, temperature=0.0, n=2)
+    assert [len(g) for g in grouped] == [2, 2] and grouped[1][0].token_ids == grouped[1][1].token_ids
+    with pytest.raises(qwen3gen.InvalidParameterError, match="n must be >= 1"):
+        tiny_llm.generate(PROMPT, n=0)
+
+
+def test_batch_rows_finish_on_their_own(tiny_llm):
+    prompts = [PROMPT, "Hi"]
+    free = tiny_llm.generate(prompts, max_new_tokens=16, temperature=0.0)
+    eos = next(t for t in free[1].token_ids[2:] if t not in free[0].token_ids)
+    saved = tiny_llm.eos_token_ids
+    tiny_llm.eos_token_ids = frozenset({eos})
+    try:
+        rows = tiny_llm.generate(prompts, max_new_tokens=16, temperature=0.0)
+    finally:
+        tiny_llm.eos_token_ids = saved
+    assert (rows[0].finish_reason, rows[1].finish_reason) == ("length", "stop")
+    assert rows[0].token_ids == free[0].token_ids
+    assert rows[1].token_ids == free[1].token_ids[: free[1].token_ids.index(eos)]

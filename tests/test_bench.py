@@ -1,0 +1,33 @@
+"""`qwen3gen bench` on a tiny checkpoint: every row is filled, and the transformers copy is the same model."""
+
+import json
+
+import torch
+from checkpoints import TINY
+
+from qwen3gen import cli
+from qwen3gen.bench import random_model, run_bench, transformers_model
+from qwen3gen.config import Qwen3Config
+
+
+def test_bench_rows(tiny_checkpoint):
+    setup, rows = run_bench(str(tiny_checkpoint), device="cpu", dtype="float32", prompt_tokens=8, new_tokens=6, batch=2, reps=1, engines=("transformers", "qwen3gen"))
+    assert [r.engine for r in rows] == ["transformers", "qwen3gen"]
+    assert rows[0].vs_transformers == 1.0 and rows[1].vs_transformers > 0
+    assert rows[1].same_tokens == 6  # float32 greedy: the same tokens as transformers
+    assert all(r.decode_tokens_per_s > 0 and r.bandwidth_gb_s > 0 and 0 < r.bandwidth_share for r in rows)
+    assert setup["copy_bandwidth_gb_s"] > 0 and setup["batch"] == 2
+
+
+def test_bench_command_json(tiny_checkpoint, capsys):
+    code = cli.main(["bench", "--model", str(tiny_checkpoint), "--device", "cpu", "--prompt-tokens", "4", "--new-tokens", "4", "--reps", "1", "--engines", "qwen3gen", "--quantize", "int8", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["rows"][0]["engine"] == "qwen3gen (int8)" and report["setup"]["dtype"] == "bfloat16"
+
+
+def test_random_model_in_transformers_is_the_same_model():
+    cfg = Qwen3Config(**{k: v for k, v in TINY.items() if k != "initializer_range"}, torch_dtype="float32")
+    ours = random_model(cfg, torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, 151643, (1, 7))
+    with torch.inference_mode():
+        torch.testing.assert_close(transformers_model(ours, None)(ids).logits, ours(ids), atol=1e-4, rtol=0)
