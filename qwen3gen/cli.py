@@ -18,7 +18,7 @@ DIM, RESET = "\033[2m", "\033[0m"
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_model: str) -> None:
-    parser.add_argument("--model", default=default_model, help=f"checkpoint folder, Hub repo id, or alias base/reasoning (default: {default_model})")
+    parser.add_argument("--model", default=default_model, help=f"checkpoint folder, Hub repo id, .gguf file, or alias base/reasoning (default: {default_model})")
     parser.add_argument("--device", help="cuda, mps, xpu or cpu (default: the first available, in that order)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs, float32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")

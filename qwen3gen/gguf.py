@@ -1,0 +1,373 @@
+"""GGUF files (llama.cpp's format) of the `qwen3` and `qwen2` architectures: config, weights, tokenizer.
+
+The file is read with the `gguf` package (llama.cpp's own reader). Every tensor type that package can
+dequantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K … Q6_K, the IQ types …) is expanded to the
+target dtype a slice of rows at a time, straight into a model built on the meta device, as checkpoint.py does
+for safetensors: there is never a second full copy, and never a float32 copy of a whole tensor.
+
+llama.cpp's converter permutes the query/key rows only for LLaMA-style models (rotary pairs interleaved); the
+Qwen2 and Qwen3 graphs use NeoX rotary (split halves, as transformers does), so their tensors are written as
+transformers holds them and are loaded here unpermuted. GGUF lists dimensions fastest-varying first, the
+reverse of torch's order.
+
+The tokenizer is the `tokenizer.json` beside the file when there is one, else the one embedded as
+`tokenizer.huggingface.json`, else rebuilt from the GGUF vocabulary (tokens, merges, token types) as Qwen's
+byte-level BPE with its pre-tokenizer; special tokens, the chat template and the EOS come from the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Qwen3Config
+from .errors import CheckpointError, ModelNotFoundError
+from .model import Qwen3
+from .tokenizer import Tokenizer
+
+SUPPORTED_ARCHITECTURES = ("qwen3", "qwen2")
+# Pre-tokenizer names (tokenizer.ggml.pre) llama.cpp gives Qwen's split regex.
+QWEN_PRE_TOKENIZERS = ("qwen2", "deepseek-r1-qwen")
+QWEN_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# llama.cpp's token types (tokenizer.ggml.token_type).
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+_ROW_CHUNK_ELEMENTS = 1 << 22  # dequantize about 16 MB of float32 at a time
+
+# Our parameter names (model.py, the transformers names without "model.") <- llama.cpp's tensor names.
+_GLOBAL_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_LAYER_PARAM = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def gguf_name(name: str) -> str:
+    """Our parameter name -> llama.cpp's tensor name, e.g. layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _LAYER_PARAM.fullmatch(name)
+    if match is None or match.group(2) not in _LAYER_NAMES:
+        raise CheckpointError(f"parameter {name} has no GGUF counterpart.")  # only if model.py gains a parameter
+    return f"blk.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+
+
+def _import_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("reading .gguf files needs the gguf package (pip install gguf).") from None
+    return gguf
+
+
+def _reader_class(gguf: Any) -> type:
+    """gguf.GGUFReader, with the same fields and tensors, but about ten times faster on a Qwen file.
+
+    The stock reader slices its numpy memmap item by item, through Python, for every element of every array: the
+    300,000 strings of the vocabulary and merges and the 150,000 token types take it tens of seconds. Here the
+    memory map is held as a plain ndarray view (no memmap bookkeeping per slice), and arrays of strings or of
+    scalars are sliced in one loop into exactly the parts the stock reader builds.
+    """
+    types = gguf.GGUFValueType
+    array, string = int(types.ARRAY), int(types.STRING)
+    scalars = {int(t): np.dtype(n) for t, n in gguf.GGUFReader.gguf_scalar_to_np.items()}
+    unpack_length = struct.Struct("<Q").unpack_from
+
+    class Reader(gguf.GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain = value.view(np.ndarray)
+
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list[int], list]:
+            data = self._plain
+            if int(raw_type) != array or self.byte_order != "I" or sys.byteorder != "little":
+                return super()._get_field_parts(orig_offs, raw_type)
+            item_type = data[orig_offs : orig_offs + 4].view(np.uint32)
+            length = data[orig_offs + 4 : orig_offs + 12].view(np.uint64)
+            count, kind = int(length[0]), int(item_type[0])
+            parts: list = [item_type, length]
+            offs = orig_offs + 12
+            if kind == string:
+                for _ in range(count):
+                    (size,) = unpack_length(data, offs)
+                    parts += (data[offs : offs + 8].view(np.uint64), data[offs + 8 : offs + 8 + size])
+                    offs += 8 + size
+                indices = list(range(3, len(parts), 2))
+            elif kind in scalars:
+                values = data[offs : offs + count * scalars[kind].itemsize].view(scalars[kind])
+                parts += [values[i : i + 1] for i in range(count)]
+                offs += values.nbytes
+                indices = list(range(2, len(parts)))
+            else:  # arrays of arrays: the stock reader's own walk
+                return super()._get_field_parts(orig_offs, raw_type)
+            return offs - orig_offs, parts, indices, [types.ARRAY] + [types(kind)] * bool(count)
+
+    return Reader
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A .gguf file: its config, generation defaults and tensors (keyed by llama.cpp's names)."""
+
+    path: Path
+    reader: Any  # gguf.GGUFReader
+    config: Qwen3Config
+    generation_config: dict = field(default_factory=dict)
+    tensors: dict[str, Any] = field(default_factory=dict)  # name -> gguf.ReaderTensor
+
+    @classmethod
+    def open(cls, path: str | Path) -> "GGUFCheckpoint":
+        gguf = _import_gguf()
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ModelNotFoundError(f"there is no GGUF file at {path}.")
+        try:
+            # Copy-on-write mapping: torch can wrap its pages without a read-only warning, and nothing is copied.
+            reader = _reader_class(gguf)(path, mode="c")
+        except (ValueError, OSError, KeyError, IndexError) as err:
+            raise CheckpointError(f"{path} is not a GGUF file the gguf package can read ({err}).") from None
+        self = cls(path, reader, Qwen3Config())
+        self.tensors = {t.name: t for t in reader.tensors}
+        arch = self.field("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(
+                f"{path.name} holds a {arch!r} model; only these GGUF architectures are supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}."
+            )
+        self._check_tensor_types(gguf)
+        self.config = self._read_config(arch)
+        self.generation_config = self._read_generation_config()
+        return self
+
+    def field(self, key: str, default: Any = ...) -> Any:
+        """A metadata value (a list for arrays); `default` when absent, else a CheckpointError."""
+        found = self.reader.get_field(key)
+        if found is None:
+            if default is ...:
+                raise CheckpointError(f"{self.path.name} has no {key} metadata.")
+            return default
+        return found.contents()
+
+    def _int(self, key: str, default: Any = ...) -> int:
+        value = self.field(key, default)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise CheckpointError(f"{self.path.name}: {key} is {value!r}, not a single integer (per-layer values are not supported).")
+        return int(value)
+
+    def _check_tensor_types(self, gguf: Any) -> None:
+        """Refuse, before allocating anything, a tensor type the gguf package cannot dequantize."""
+        seen: set = set()
+        for tensor in self.tensors.values():
+            qtype = tensor.tensor_type
+            if qtype in seen:
+                continue
+            try:  # one row is enough to find out
+                gguf.quants.dequantize(tensor.data.reshape(-1, tensor.data.shape[-1])[:1], qtype)
+            except NotImplementedError:
+                raise CheckpointError(
+                    f"{self.path.name} stores tensor {tensor.name} as {qtype.name}, which the gguf package cannot dequantize."
+                ) from None
+            seen.add(qtype)
+
+    def _read_config(self, arch: str) -> Qwen3Config:
+        key = lambda name: f"{arch}.{name}"  # noqa: E731
+        hidden = self._int(key("embedding_length"))
+        heads = self._int(key("attention.head_count"))
+        head_dim = self._int(key("attention.key_length"), hidden // heads)
+        value_dim = self._int(key("attention.value_length"), head_dim)
+        if value_dim != head_dim:
+            raise CheckpointError(f"{self.path.name}: key_length {head_dim} and value_length {value_dim} differ, which Qwen models never do.")
+        rotary = self.field(key("rope.dimension_count"), head_dim)
+        if rotary != head_dim:
+            raise CheckpointError(f"{self.path.name}: partial rotary embeddings ({rotary} of {head_dim} dimensions) are not supported.")
+        scaling = self.field(key("rope.scaling.type"), "none")
+        if scaling != "none":
+            raise CheckpointError(f"{self.path.name}: RoPE scaling of type {scaling!r} is not supported.")
+        embedding = self.tensors.get("token_embd.weight")
+        if embedding is None:
+            raise CheckpointError(f"{self.path.name} has no tensor token_embd.weight.")
+        blk0 = lambda name: f"blk.0.{name}" in self.tensors  # noqa: E731
+        attention_bias = blk0("attn_q.bias")
+        if arch == "qwen2" and not attention_bias:
+            raise CheckpointError(f"{self.path.name} is a qwen2 model without attn_q.bias; Qwen2 always has query/key/value biases.")
+        file_type = next((t.tensor_type.name for t in self.tensors.values() if len(t.shape) == 2), "BF16")
+        return Qwen3Config(
+            vocab_size=int(embedding.shape[1]),  # GGUF order: [hidden, vocab]
+            hidden_size=hidden,
+            num_hidden_layers=self._int(key("block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=self._int(key("attention.head_count_kv"), heads),
+            head_dim=head_dim,
+            intermediate_size=self._int(key("feed_forward_length")),
+            max_position_embeddings=self._int(key("context_length")),
+            rms_norm_eps=_decimal(self.field(key("attention.layer_norm_rms_epsilon"))),
+            rope_theta=_decimal(self.field(key("rope.freq_base"), 10_000.0)),
+            tie_word_embeddings="output.weight" not in self.tensors,
+            torch_dtype={"F32": "float32", "F16": "float16"}.get(file_type, "bfloat16"),
+            model_type=arch,
+            qk_norm=blk0("attn_q_norm.weight"),
+            attention_bias=attention_bias,
+            o_proj_bias=blk0("attn_output.bias"),
+        )
+
+    def _read_generation_config(self) -> dict:
+        """EOS IDs (eos, eot, eom and <|endoftext|>, which llama.cpp also ends on) and any general.sampling.* defaults."""
+        eos = [self.field(f"tokenizer.ggml.{kind}_token_id", None) for kind in ("eos", "eot", "eom")]
+        tokens = self.field("tokenizer.ggml.tokens", [])
+        if "<|endoftext|>" in tokens:
+            eos.append(tokens.index("<|endoftext|>"))
+        config: dict = {"eos_token_id": list(dict.fromkeys(int(i) for i in eos if i is not None))}
+        sampling = {
+            name: self.field(f"general.sampling.{key}", None)
+            for name, key in (("temperature", "temp"), ("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p"), ("repetition_penalty", "penalty_repeat"))
+        }
+        sampling = {name: _decimal(value) if isinstance(value, float) else value for name, value in sampling.items() if value is not None}
+        if sampling and sampling.get("temperature", 1.0) > 0:
+            config.update(do_sample=True, **sampling)
+        return config
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer.json beside the file, else the embedded one, else one rebuilt from the GGUF vocabulary."""
+        tokens = self.field("tokenizer.ggml.tokens")
+        special = {}
+        for key in ("bos", "eos", "padding"):
+            token_id = self.field(f"tokenizer.ggml.{key}_token_id", None)
+            if token_id is not None:
+                if not 0 <= token_id < len(tokens):
+                    raise CheckpointError(f"{self.path.name}: tokenizer.ggml.{key}_token_id {token_id} is outside the vocabulary.")
+                special["pad_token" if key == "padding" else f"{key}_token"] = tokens[token_id]
+        beside = self.path.with_name("tokenizer.json")
+        if beside.is_file():
+            backend, origin = _backend_from_json(beside.read_text(encoding="utf-8"), beside), beside
+        elif self.reader.get_field("tokenizer.huggingface.json") is not None:
+            backend, origin = _backend_from_json(self.field("tokenizer.huggingface.json"), self.path), self.path
+        else:
+            backend, origin = self._backend_from_vocab(tokens), self.path
+        for key, token in special.items():
+            if backend.token_to_id(token) is None:
+                raise CheckpointError(f"{origin} has no token {token!r}, the {key} of {self.path.name}.")
+        return Tokenizer(backend, special_tokens=special, chat_template=self.field("tokenizer.chat_template", None), template_origin=self.path)
+
+    def _backend_from_vocab(self, tokens: list[str]) -> Any:
+        model = self.field("tokenizer.ggml.model", "gpt2")
+        pre = self.field("tokenizer.ggml.pre", "qwen2")
+        if model != "gpt2" or pre not in QWEN_PRE_TOKENIZERS:
+            raise CheckpointError(
+                f"{self.path.name} has a {model!r} tokenizer with pre-tokenizer {pre!r}, not Qwen's byte-level BPE; "
+                f"put the model's tokenizer.json beside it."
+            )
+        types = self.field("tokenizer.ggml.token_type", None)
+        if types is None:
+            types = [CONTROL if t.startswith("<|") and t.endswith("|>") else NORMAL for t in tokens]
+        if len(types) != len(tokens):
+            raise CheckpointError(f"{self.path.name} has {len(tokens)} tokens but {len(types)} token types.")
+        vocab, added = {}, []
+        for token_id, (token, kind) in enumerate(zip(tokens, types)):
+            if kind in (CONTROL, USER_DEFINED):
+                added.append({
+                    "id": token_id, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+                    "normalized": False, "special": kind == CONTROL,
+                })
+            elif kind != UNUSED:  # llama.cpp's [PAD<id>] fillers up to the embedding size are not real tokens
+                vocab[token] = token_id
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+        spec = {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": added,
+            "normalizer": {"type": "NFC"},
+            "pre_tokenizer": {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": QWEN_SPLIT_REGEX}, "behavior": "Isolated", "invert": False},
+                    byte_level,
+                ],
+            },
+            "post_processor": byte_level,
+            "decoder": byte_level,
+            "model": {
+                "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                "vocab": vocab, "merges": self.field("tokenizer.ggml.merges"),
+            },
+        }
+        return _backend_from_json(json.dumps(spec, ensure_ascii=False), self.path)
+
+    def load_model(self, device: torch.device, dtype: torch.dtype) -> Qwen3:
+        """Build the model without initialising it, then dequantize each tensor into place, a slice of rows at a time."""
+        gguf = _import_gguf()
+        with torch.device("meta"):
+            model = Qwen3(self.config).to(dtype)
+        params = {gguf_name(name): p for name, p in model.named_parameters()}
+        for name, param in params.items():
+            tensor = self.tensors.get(name)
+            if tensor is None:
+                raise CheckpointError(f"{self.path.name} has no tensor {name}, which its metadata requires.")
+            shape = tuple(reversed([int(d) for d in tensor.shape]))
+            if shape != tuple(param.shape):
+                raise CheckpointError(f"tensor {name} has shape {list(shape)}, but the metadata of {self.path.name} implies {list(param.shape)}.")
+        extra = sorted(set(self.tensors) - set(params))
+        if extra:
+            raise CheckpointError(f"{self.path.name} has a tensor {extra[0]} that this architecture does not use.")
+        model.to_empty(device=device)  # new storage: the parameters are looked up again
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                dequantize_into(self.tensors[gguf_name(name)], param, gguf)
+        return model.eval()
+
+
+def dequantize_into(tensor: Any, out: torch.Tensor, gguf: Any = None) -> None:
+    """Expand a GGUF tensor (a gguf.ReaderTensor of any type the gguf package reads) into `out`, in slices of rows."""
+    gguf = gguf or _import_gguf()
+    rows = tensor.data.reshape(-1, tensor.data.shape[-1])  # raw blocks, for quantized types
+    out = out.view(-1, out.shape[-1])
+    step = max(1, _ROW_CHUNK_ELEMENTS // out.shape[1])
+    for start in range(0, out.shape[0], step):
+        values = gguf.quants.dequantize(rows[start : start + step], tensor.tensor_type)
+        out[start : start + step].copy_(torch.from_numpy(np.ascontiguousarray(values)))
+
+
+def _decimal(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-06, not 9.99999997e-07)."""
+    return float(str(np.float32(value)))
+
+
+def _backend_from_json(text: str, origin: Path) -> Any:
+    from tokenizers import Tokenizer as BackendTokenizer
+
+    try:
+        return BackendTokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises a bare Exception for any parse failure
+        raise CheckpointError(f"the tokenizer of {origin} is not a valid tokenizers file ({exc}).") from None
+
+
+def load_model(checkpoint: GGUFCheckpoint, device: torch.device, dtype: torch.dtype) -> Qwen3:
+    return checkpoint.load_model(device, dtype)
