@@ -93,8 +93,11 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if slots is not None:
             k, v = self.kv_cache.update(slots, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+        # Grouped-query attention without repeating K/V: the query heads that share a KV head are folded
+        # into the query axis, (kv head, group member, token); `mask` comes folded the same way.
+        q = q.reshape(batch, self.n_kv_heads, -1, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.view(batch, self.n_heads, tokens, self.head_dim).transpose(1, 2).reshape(batch, tokens, -1))
 
 
 class MLP(nn.Module):
@@ -182,7 +185,8 @@ class Qwen3(nn.Module):
         if pad is None:
             pad = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
         key_length = tokens if slots is None else self.layers[0].self_attn.kv_cache.k.shape[2]
-        mask = attention_mask(input_pos, key_length, pad)
+        group = self.config.num_attention_heads // self.config.num_key_value_heads
+        mask = attention_mask(input_pos, key_length, pad).repeat(1, 1, group, 1)  # rows: (group member, token)
         positions = (input_pos[None, :] - pad[:, None]).clamp(min=0)
         x = self.embed_tokens(input_ids)
         rope = rotary_angles(positions, self.config.head_dim, self.config.rope_theta, x.dtype)

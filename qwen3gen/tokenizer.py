@@ -192,9 +192,13 @@ class Tokenizer:
         """Size of the ID space, added tokens included (what the embedding must cover)."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        """Token IDs for `text`; special-token strings in it map to their single IDs and no BOS/EOS is added."""
-        return self._backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token IDs for `text`; special-token strings in it map to their single IDs.
+
+        add_special_tokens applies tokenizer.json's post-processor, as transformers does: nothing for Qwen,
+        a BOS for checkpoints such as DeepSeek-R1-Distill-Qwen. A chat template writes its own, so it uses False.
+        """
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text for `ids`; incomplete UTF-8 byte sequences come out as U+FFFD."""
@@ -234,7 +238,7 @@ class Tokenizer:
             raise InvalidParameterError(str(exc)) from exc
         except jinja2.TemplateError as exc:
             raise InvalidParameterError(f"The chat template could not render these messages: {exc}.") from exc
-        return self.encode(text) if tokenize else text
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
 class IncrementalDetokenizer:

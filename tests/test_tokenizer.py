@@ -474,3 +474,26 @@ def test_stream_window_stays_small(tok: Tokenizer):
         del tok.decode
     assert out == tok.decode(ids)
     assert max(calls) <= 8
+
+
+def test_bos_from_the_post_processor_like_transformers(tmp_path, tokenizer_dir):
+    """A tokenizer.json whose post-processor adds a BOS (DeepSeek-R1-Distill-Qwen style): encode adds it, the chat template does not double it."""
+    data = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    data["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [151643], "tokens": ["<|endoftext|>"]}},
+    }
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config["bos_token"] = "<|endoftext|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    ours = Tokenizer.from_dir(tmp_path)
+    reference = AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.encode("Hello world") == reference.encode("Hello world") == [151643, 9707, 1879]
+    messages = [{"role": "user", "content": "Hello world"}]
+    expected = reference.apply_chat_template(messages, tokenize=True)
+    expected = expected["input_ids"] if not isinstance(expected, list) else expected
+    assert ours.apply_chat_template(messages, add_generation_prompt=False) == list(expected) == [151643, 9707, 1879]
