@@ -90,6 +90,8 @@ def main(tokenizer_dir: Path, device: str = "cuda") -> int:
                 logits = model(torch.tensor([prompt + a[:k]], device=cuda))[0, -1].float()
             gaps.append(f"token {k}: logit {logits[a[k]]:.4f} vs {logits[b[k]]:.4f} (top-1 {logits.max():.4f})")
     check("no recompiles across 20 prompt lengths (cuda)", torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs)
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    check("the compiled decode step runs as a CUDA graph (no cudagraph skips)", device != "cuda" or skips == 0, f"skips: {skips}")
     torch._dynamo.config.error_on_recompile = False
     check("bf16 compiled greedy == eager, first 32 tokens, 20 prompts", min(agree) == 32, f"leading agreement per prompt: {agree}")
     for gap in gaps:
