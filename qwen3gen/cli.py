@@ -90,9 +90,12 @@ def generation_dict(out: Generation) -> dict:
 
 
 def run_batch(llm: LLM, args: argparse.Namespace) -> None:
-    """One batch of every prompt line x n samples; JSON Lines with --json, else the texts one after another."""
-    with open(0 if args.batch == "-" else args.batch, encoding="utf-8") as lines:
-        prompts = [line.rstrip("\n") for line in lines if line.strip()]
+    """Every prompt (the lines of --batch FILE, or PROMPT) x n samples as one batch; JSON Lines with --json."""
+    if args.batch:
+        with open(0 if args.batch == "-" else args.batch, encoding="utf-8") as lines:
+            prompts = [line.rstrip("\n") for line in lines if line.strip()]
+    else:
+        prompts = [sys.stdin.read() if args.prompt == "-" else args.prompt]
     if not prompts:
         raise InvalidParameterError(f"{args.batch} holds no prompt.")
     results = llm.generate(prompts, n=args.n, **sampling_kwargs(args))
@@ -104,21 +107,13 @@ def run_batch(llm: LLM, args: argparse.Namespace) -> None:
 
 
 def run_generate(llm: LLM, args: argparse.Namespace) -> None:
+    if args.prompt is None and not args.batch:
+        raise InvalidParameterError("give a PROMPT, or --batch FILE.")
     if args.batch or args.n > 1:
         if args.stream:
             raise InvalidParameterError("--stream shows one generation; use --json or plain output with --batch or -n.")
-        if not args.batch:
-            args.batch = "-" if args.prompt == "-" else None
-        if not args.batch:
-            results = llm.generate(args.prompt, n=args.n, **sampling_kwargs(args))
-            for sample, out in enumerate(results):
-                print(json.dumps({"sample": sample, **generation_dict(out)}, ensure_ascii=False) if args.json else f"--- sample {sample} ({out.finish_reason})\n{out.text}")
-            print_stats(results[0].stats)
-            return
         run_batch(llm, args)
         return
-    if args.prompt is None:
-        raise InvalidParameterError("give a PROMPT, or --batch FILE.")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     options = sampling_kwargs(args)
     if args.stream:

@@ -213,10 +213,11 @@ class Engine:
         yield token[:, None].cpu()
         input_pos = torch.tensor([length], device=self.device)
         pending = []
+        cuda_graphs = self.compiled and self.device.type == "cuda"
         for step in range(1, max_new_tokens):
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
-            if self.compiled and self.device.type == "cuda":
+            if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             token = next_token(self.decode_step(token[:, None], input_pos, pad), seen, params, generator)
             input_pos = input_pos + 1

@@ -91,3 +91,10 @@ def test_batch_file_and_samples(capsys, tiny_checkpoint, tmp_path):
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [(x["prompt"], x["sample"]) for x in lines] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(len(x["token_ids"]) == 4 for x in lines) and "tok/s" in err
+
+
+def test_samples_of_one_prompt_and_missing_prompt(capsys, tiny_checkpoint):
+    code, out, _ = run(capsys, "generate", "Hi", "-n", "3", "--model", str(tiny_checkpoint), "--max-new-tokens", "4", "--temperature", "0.9", "--seed", "2", "--json")
+    assert code == 0 and [json.loads(line)["sample"] for line in out.splitlines()] == [0, 1, 2]
+    code, out, err = run(capsys, "generate", "-n", "2", "--model", str(tiny_checkpoint))
+    assert code == 1 and err.strip() == "qwen3gen: error: give a PROMPT, or --batch FILE."
