@@ -19,7 +19,7 @@ from .model import Qwen3
 from .sampling import SamplingParams, next_token
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
-CACHE_ROUNDING = 256  # a compiled step keeps its graph while the cache is reused, so sizes come in few buckets
+CACHE_ROUNDING = 64  # a compiled step keeps its graph while the cache is reused, so sizes come in few buckets; attention reads every slot
 
 
 @dataclass
@@ -136,32 +136,73 @@ def bucket(length: int, limit: int) -> int:
     return min(max(16, 1 << (length - 1).bit_length()), limit)
 
 
+class CapturedStep:
+    """One call of `step`, recorded as a CUDA graph for these input shapes: a replay launches all its kernels at once.
+
+    Inputs are copied into the graph's own buffers; the result is the graph's output buffer, valid until the
+    next replay. The warm-up call before recording compiles the step and runs it for real, so it must be a
+    call whose effects (its KV-cache writes) the replay repeats anyway.
+    """
+
+    def __init__(self, step: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> None:
+        self.inputs = [x.clone() for x in inputs]
+        stream = torch.cuda.Stream(self.inputs[0].device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = step(*self.inputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for buffer, x in zip(self.inputs, inputs):
+            buffer.copy_(x)
+        self.graph.replay()
+        return self.output
+
+
 class Engine:
     """Runs requests on one model: owns its KV cache and the (optionally compiled) prefill and decode steps.
 
-    Compiled, the decode step is one CUDA graph on a GPU (mode "reduce-overhead"); prompts are left-padded
-    to a bucket length and the cache is kept while it is big enough, so new requests do not recompile.
+    Compiled, every transformer block of the model is compiled in place, once (one graph serves all layers, so warm-up takes
+    seconds) and, on a GPU, each whole step is recorded as one CUDA graph per shape. Prompts are
+    left-padded to a bucket length and the cache is kept while it is big enough, so new requests neither
+    recompile nor record again.
     """
 
     def __init__(self, model: Qwen3, compile: bool = False) -> None:
         self.model = model
         self.device = model.embed_tokens.weight.device
         self.compiled = compile
-        self.prefill: Callable[..., torch.Tensor] = self._prefill
-        self.decode_step: Callable[..., torch.Tensor] = self._decode_step
+        self.cuda_graphs = compile and self.device.type == "cuda"
+        self.graphs: dict[tuple[int, ...], CapturedStep] = {}  # by input shape, for the cache they were recorded on
+        self.graphs_cache: object = None
         if compile:
             # One graph per prefill bucket: more than dynamo's default limit of 8 shapes per function.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self.decode_step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
-            self.prefill = torch.compile(self._prefill, fullgraph=True, dynamic=False)
+            if self.device.type == "cuda":
+                # Turns matrix-vector products (batch-1 decoding) into tuned reductions fused with their neighbours.
+                torch._inductor.config.coordinate_descent_tuning = True
+            for layer in model.layers:
+                layer.compile(fullgraph=True, dynamic=False)
 
-    # Two functions, so that each compiled wrapper has its own code object, graphs and mode.
-    def _prefill(self, ids: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        return self.model(ids, input_pos=input_pos, pad=pad, last_only=True)[:, -1]
+    def step(self, ids: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position, [batch, vocab]: a prefill (many ids) or a decode step (one id per row)."""
+        if not self.cuda_graphs:
+            return self.last_logits(ids, input_pos, pad)
+        cache = self.model.layers[0].self_attn.kv_cache
+        if cache is not self.graphs_cache:  # a new cache: the recorded graphs point at the old one
+            self.graphs, self.graphs_cache = {}, cache
+        key = tuple(ids.shape)
+        if key not in self.graphs:
+            self.graphs[key] = CapturedStep(self.last_logits, ids, input_pos, pad)
+        return self.graphs[key](ids, input_pos, pad)
 
-    def _decode_step(self, token: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        return self.model(token, input_pos=input_pos, pad=pad, last_only=True)[:, -1]
+    def last_logits(self, ids: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        # An eager engine stays eager when another engine has compiled this model's blocks.
+        with torch.compiler.set_stance("default" if self.compiled else "force_eager"):
+            return self.model(ids, input_pos=input_pos, pad=pad, last_only=True)[:, -1]
 
     def warmup(self, batch_size: int, prompt_tokens: int, max_new_tokens: int) -> None:
         """Compile ahead of time the decode step and every prefill bucket up to prompt_tokens."""
@@ -209,17 +250,14 @@ class Engine:
             seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
             seen.scatter_(1, torch.where(real, ids, ids[:, -1:]), True)  # padding slots repeat the last real token
 
-        token = next_token(self.prefill(ids, torch.arange(length, device=self.device), pad), seen, params, generator)
+        token = next_token(self.step(ids, torch.arange(length, device=self.device), pad), seen, params, generator)
         yield token[:, None].cpu()
         input_pos = torch.tensor([length], device=self.device)
         pending = []
-        cuda_graphs = self.compiled and self.device.type == "cuda"
         for step in range(1, max_new_tokens):
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
-            if cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            token = next_token(self.decode_step(token[:, None], input_pos, pad), seen, params, generator)
+            token = next_token(self.step(token[:, None], input_pos, pad), seen, params, generator)
             input_pos = input_pos + 1
             pending.append(token)
             if len(pending) == sync_every or step == max_new_tokens - 1:

