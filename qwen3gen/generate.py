@@ -165,10 +165,10 @@ class CapturedStep:
 class Engine:
     """Runs requests on one model: owns its KV cache and the (optionally compiled) prefill and decode steps.
 
-    Compiled, every transformer block of the model is compiled in place, once (one graph serves all layers, so warm-up takes
-    seconds) and, on a GPU, each whole step is recorded as one CUDA graph per shape. Prompts are
-    left-padded to a bucket length and the cache is kept while it is big enough, so new requests neither
-    recompile nor record again.
+    Compiled, the model's transformer blocks are compiled in place (one graph serves all layers, so warm-up
+    takes seconds, not minutes) and, on a GPU, each whole step is recorded as one CUDA graph per shape.
+    Prompts are left-padded to a bucket length and the cache is kept while it is big enough, so new
+    requests neither recompile nor record again.
     """
 
     def __init__(self, model: Qwen3, compile: bool = False) -> None:

@@ -1,7 +1,6 @@
 """Where the compiled decode step's time goes: ms per step and the top GPU kernels, Qwen3-0.6B shape, bf16.
 
-Usage (on the GPU machine, from the repository root): python3 scripts/gpu_profile.py [BATCH [math]]
-"math" compiles the steps with SDPA's math backend (inductor then generates the attention kernels itself).
+Usage (on the GPU machine, from the repository root): python3 scripts/gpu_profile.py [BATCH]
 """
 
 from __future__ import annotations
@@ -17,13 +16,9 @@ from qwen3gen.generate import Engine
 from qwen3gen.sampling import SamplingParams
 
 
-def main(batch: int = 1, backend: str = "default") -> None:
+def main(batch: int = 1) -> None:
     device = torch.device("cuda")
-    print(torch.__version__, torch.cuda.get_device_name(), f"batch {batch}", f"attention {backend}", flush=True)
-    if backend == "math":
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        torch.backends.cuda.enable_flash_sdp(False)
+    print(torch.__version__, torch.cuda.get_device_name(), f"batch {batch}", flush=True)
     engine = Engine(random_model(preset("0.6B"), device, torch.bfloat16), compile=True)
     start = time.perf_counter()
     engine.warmup(batch, 32, 256)
@@ -39,4 +34,4 @@ def main(batch: int = 1, backend: str = "default") -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1, *sys.argv[2:])
+    main(*map(int, sys.argv[1:]))

@@ -23,9 +23,8 @@ if [ "$what" = bench ] || [ "$what" = check ] || [ "$what" = all ]; then
     bench bench-batch1 240 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --engines transformers,qwen3gen-compiled,qwen3gen,transformers-static
 fi
 if [ "$what" = more ] || [ "$what" = all ]; then
-    bench bench-batch64 150 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 --engines transformers,qwen3gen-compiled
+    bench bench-batch64 130 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 --engines transformers,qwen3gen-compiled
     bench bench-ttft1024 90 --prompt-tokens 1024 --new-tokens 16 --batch 1 --reps 5 --engines transformers,qwen3gen-compiled
-    bench bench-int8 90 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --quantize int8 --engines transformers,qwen3gen-compiled
+    bench bench-int8 170 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --quantize int8 --engines transformers,qwen3gen-compiled
     timeout 60 python3 scripts/gpu_profile.py 64 > "$out/profile64.log" 2>&1
-    timeout 60 python3 scripts/gpu_profile.py 1 math > "$out/profile-math.log" 2>&1
 fi
