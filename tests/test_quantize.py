@@ -57,6 +57,16 @@ def test_quantized_model_quality(tiny_checkpoint):
     assert int8_kl < 10 * floor_kl
 
 
+@pytest.mark.slow
+def test_compiled_int8_greedy_equals_eager_int8(tiny_checkpoint):
+    """Compiling does not change what int8 generates (float32 activations: no bf16 near-ties to flip)."""
+    eager = qwen3gen.load(tiny_checkpoint, device="cpu", dtype="float32", quantization="int8")
+    compiled = qwen3gen.load(tiny_checkpoint, device="cpu", dtype="float32", quantization="int8", compile=True)
+    for prompt in ("Explain large language models.", "Hi"):
+        expected = eager.generate(prompt, max_new_tokens=24, temperature=0.0, ignore_eos=True).token_ids
+        assert compiled.generate(prompt, max_new_tokens=24, temperature=0.0, ignore_eos=True).token_ids == expected
+
+
 def test_unknown_quantization_is_refused(tiny_checkpoint):
     with pytest.raises(qwen3gen.InvalidParameterError, match="quantization must be one of int8"):
         qwen3gen.load(tiny_checkpoint, device="cpu", quantization="int4")
