@@ -4,7 +4,7 @@
 # The tokenizer files must travel with the tree: here, `mkdir .tok && cp ../shared/qwen3-tokenizer/*.json .tok/`,
 # `echo /.tok/ >> .git/info/exclude`, then name `.tok` in the device call's carry and pass `.tok $OUT`.
 # Each step has its own time limit and log file, so a slow step cannot take the others' results with it;
-# the bench prints each row as soon as it is measured. "check" + "bench" and "more" each fit one 10-minute call.
+# the bench prints each row as soon as it is measured. "check" (with the batch-1 bench) and "more" each fit one 10-minute call.
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 out="$2"
