@@ -106,7 +106,7 @@ def transformers_model(model: Qwen3, checkpoint_dir: str | None) -> torch.nn.Mod
         hf = transformers.Qwen3ForCausalLM(hf_config).to(weight.dtype)
     hf.to_empty(device=weight.device)
     with torch.no_grad():
-        hf.model.load_state_dict(model.state_dict(keep_vars=False), strict=False)
+        hf.model.load_state_dict(dict(model.checkpoint_tensors()))
         hf.lm_head.weight.copy_(model.output_weight)
         hf.model.rotary_emb.inv_freq.copy_(1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
     return hf.eval()

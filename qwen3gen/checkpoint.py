@@ -160,7 +160,7 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
 
 def check_tensors(model: Qwen3, checkpoint: Checkpoint) -> list[str]:
     """Checkpoint names to load, in model order; refuses missing, extra or mis-shaped tensors by name."""
-    expected = {hf_name(name): tuple(p.shape) for name, p in model.named_parameters()}
+    expected = {hf_name(name): tuple(t.shape) for name, t in model.checkpoint_tensors()}
     found = {n: s for n, s in checkpoint.shapes().items() if not _IGNORED_TENSORS.match(n)}
     if model.lm_head is None:
         found.pop("lm_head.weight", None)  # a tied head may be saved too; the embedding is the one used
@@ -183,10 +183,10 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype)
         model = Qwen3(checkpoint.config).to(dtype)
     names = check_tensors(model, checkpoint)
     model.to_empty(device=device)
-    params = {hf_name(n): p for n, p in model.named_parameters()}
+    targets = {hf_name(n): t for n, t in model.checkpoint_tensors()}  # views into the new storage
     with torch.no_grad():
         for name, tensor in checkpoint.tensors(names):
-            params[name].copy_(tensor)
+            targets[name].copy_(tensor)
     return model.eval()
 
 

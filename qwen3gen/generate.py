@@ -7,6 +7,7 @@ loop ends as soon as every row is finished.
 
 from __future__ import annotations
 
+import functools
 import resource
 import sys
 import time
@@ -19,7 +20,7 @@ from .model import Qwen3
 from .sampling import SamplingParams, next_token
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
-CACHE_ROUNDING = 64  # a compiled step keeps its graph while the cache is reused, so sizes come in few buckets; attention reads every slot
+CACHE_ROUNDING = 64  # a compiled engine keeps its cache while it is big enough, so sizes come in few buckets
 
 
 @dataclass
@@ -176,7 +177,7 @@ class Engine:
         self.device = model.embed_tokens.weight.device
         self.compiled = compile
         self.cuda_graphs = compile and self.device.type == "cuda"
-        self.graphs: dict[tuple[int, ...], CapturedStep] = {}  # by input shape, for the cache they were recorded on
+        self.graphs: dict[tuple[int, ...], CapturedStep] = {}  # by input shape and key length, for the cache they were recorded on
         self.graphs_cache: object = None
         if compile:
             # One graph per prefill bucket: more than dynamo's default limit of 8 shapes per function.
@@ -187,22 +188,32 @@ class Engine:
             for layer in model.layers:
                 layer.compile(fullgraph=True, dynamic=False)
 
-    def step(self, ids: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor, key_length: int) -> torch.Tensor:
         """Logits of the last position, [batch, vocab]: a prefill (many ids) or a decode step (one id per row)."""
         if not self.cuda_graphs:
-            return self.last_logits(ids, input_pos, pad)
+            return self.last_logits(ids, input_pos, pad, key_length)
         cache = self.model.layers[0].self_attn.kv_cache
         if cache is not self.graphs_cache:  # a new cache: the recorded graphs point at the old one
             self.graphs, self.graphs_cache = {}, cache
-        key = tuple(ids.shape)
+        key = (*ids.shape, key_length)
         if key not in self.graphs:
-            self.graphs[key] = CapturedStep(self.last_logits, ids, input_pos, pad)
+            self.graphs[key] = CapturedStep(functools.partial(self.last_logits, key_length=key_length), ids, input_pos, pad)
         return self.graphs[key](ids, input_pos, pad)
 
-    def last_logits(self, ids: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    def last_logits(self, ids: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor, key_length: int) -> torch.Tensor:
         # An eager engine stays eager when another engine has compiled this model's blocks.
         with torch.compiler.set_stance("default" if self.compiled else "force_eager"):
-            return self.model(ids, input_pos=input_pos, pad=pad, last_only=True)[:, -1]
+            return self.model(ids, input_pos=input_pos, pad=pad, last_only=True, key_length=key_length)[:, -1]
+
+    def key_length(self, end: int) -> int:
+        """Cache slots that a step writing positions up to end - 1 attends over.
+
+        Attention reads every slot it is given, so it gets the next power of two (at least 64) rather than the whole
+        cache: at batch 64 the cache is most of what a step reads. Powers of two keep the recorded CUDA graphs few.
+        A compiled engine never hands over its last CACHE_ROUNDING slots (see ensure_cache).
+        """
+        usable = self.model.cache_shape[1] - (CACHE_ROUNDING if self.compiled else 0)
+        return min(max(64, 1 << (end - 1).bit_length()), usable)
 
     def warmup(self, batch_size: int, prompt_tokens: int, max_new_tokens: int) -> None:
         """Compile ahead of time the decode step and every prefill bucket up to prompt_tokens."""
@@ -211,14 +222,23 @@ class Engine:
         for length in [16 << k for k in range(12) if 16 << k < top] + [top]:
             for _ in self.tokens([[0] * length] * batch_size, min(max_new_tokens, 3), SamplingParams(), pad_id=0):
                 pass
+        # A decode step at each attention length the longest request reaches (its cache writes are overwritten later).
+        ids, pad = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device), torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            for key_length in sorted({self.key_length(end) for end in range(1, top + max_new_tokens + 1)}):
+                self.step(ids, torch.tensor([key_length - 1], device=self.device), pad, key_length)
 
     def ensure_cache(self, batch_size: int, length: int) -> None:
-        """Allocate the cache for this request; a compiled engine keeps a big-enough one (same graph, no recompile)."""
+        """Allocate the cache for this request; a compiled engine keeps a big-enough one (its CUDA graphs stay valid).
+
+        A compiled engine's cache has CACHE_ROUNDING spare slots that attention never reads: the keys of all slots
+        form one contiguous block, a layout that would need a second compiled graph.
+        """
         shape = self.model.cache_shape
         if self.compiled:
-            if shape and shape[0] == batch_size and shape[1] >= length:
+            if shape and shape[0] == batch_size and shape[1] >= length + CACHE_ROUNDING:
                 return
-            length = min(-(-length // CACHE_ROUNDING) * CACHE_ROUNDING, self.model.config.max_position_embeddings)
+            length = min(-(-length // CACHE_ROUNDING) * CACHE_ROUNDING, self.model.config.max_position_embeddings) + CACHE_ROUNDING
         elif shape == (batch_size, length):
             return
         self.model.setup_cache(batch_size, length)
@@ -250,14 +270,16 @@ class Engine:
             seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
             seen.scatter_(1, torch.where(real, ids, ids[:, -1:]), True)  # padding slots repeat the last real token
 
-        token = next_token(self.step(ids, torch.arange(length, device=self.device), pad), seen, params, generator)
+        logits = self.step(ids, torch.arange(length, device=self.device), pad, self.key_length(length))
+        token = next_token(logits, seen, params, generator)
         yield token[:, None].cpu()
         input_pos = torch.tensor([length], device=self.device)
         pending = []
         for step in range(1, max_new_tokens):
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
-            token = next_token(self.step(token[:, None], input_pos, pad), seen, params, generator)
+            logits = self.step(token[:, None], input_pos, pad, self.key_length(length + step))
+            token = next_token(logits, seen, params, generator)
             input_pos = input_pos + 1
             pending.append(token)
             if len(pending) == sync_every or step == max_new_tokens - 1:

@@ -326,7 +326,7 @@ class GGUFCheckpoint:
         gguf = _import_gguf()
         with torch.device("meta"):
             model = Qwen3(self.config).to(dtype)
-        params = {gguf_name(name): p for name, p in model.named_parameters()}
+        params = {gguf_name(name): t for name, t in model.checkpoint_tensors()}
         for name, param in params.items():
             tensor = self.tensors.get(name)
             if tensor is None:
@@ -339,8 +339,8 @@ class GGUFCheckpoint:
             raise CheckpointError(f"{self.path.name} has a tensor {extra[0]} that this architecture does not use.")
         model.to_empty(device=device)  # new storage: the parameters are looked up again
         with torch.no_grad():
-            for name, param in model.named_parameters():
-                dequantize_into(self.tensors[gguf_name(name)], param, gguf)
+            for name, target in model.checkpoint_tensors():
+                dequantize_into(self.tensors[gguf_name(name)], target, gguf)
         return model.eval()
 
 

@@ -9,11 +9,15 @@ Qwen2 (model_type "qwen2": Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen) differs onl
 cfg.attention_bias puts biases on q_proj/k_proj/v_proj (cfg.o_proj_bias on o_proj, Qwen3's own
 attention_bias), and cfg.qk_norm=False drops the query/key norms. config.py sets both from config.json.
 
-Module names follow the Hugging Face checkpoint ("layers.3.self_attn.q_proj.weight"), so loading is a
-one-to-one copy. Positions are tensors, so a compiled decode step never recompiles as it advances.
+Module names follow the Hugging Face checkpoint ("layers.3.self_attn.o_proj.weight"), except that q/k/v
+and gate/up are each held as one matrix (one larger kernel reads it, where three or two small ones would):
+`checkpoint_tensors` names their row blocks as the checkpoint does. Positions are tensors, so a compiled
+decode step never recompiles as it advances.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +74,15 @@ class KVCache(nn.Module):
 
 
 def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, fold: bool) -> torch.Tensor:
-    """Attention of q [batch, heads, tokens, dim] over k, v [batch, kv_heads, slots, dim], K/V never repeated.
+    """Attention of q [batch, heads, tokens, dim] over the first mask.shape[-1] slots of k, v [batch, kv_heads, slots, dim].
 
-    fold=True folds the query heads that share a KV head into the query axis, rows (group member,
-    token), and the mask with them: on CPU five times faster than SDPA's enable_gqa. On the H200,
-    enable_gqa (cuDNN) is faster: 13 vs 20 us per layer and decode step. Both give the same numbers.
+    K/V are never repeated, and slots past the mask are never read. fold=True folds the query heads that
+    share a KV head into the query axis, rows (group member, token), and the mask with them: on CPU five
+    times faster than SDPA's enable_gqa. On the H200, enable_gqa (cuDNN) is faster: 13 vs 20 us per layer
+    and decode step. Both give the same numbers.
     """
+    keys = mask.shape[-1]
+    k, v = k[:, :, :keys], v[:, :, :keys]
     if not fold:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     batch, heads, tokens, dim = q.shape
@@ -88,9 +95,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: Qwen3Config) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.qkv_sizes = [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=cfg.attention_bias)  # q_proj, k_proj, v_proj stacked
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
         # Identity holds no parameters, so a Qwen2 model has no q_norm/k_norm tensors to load.
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
@@ -99,9 +105,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(batch, tokens, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(batch, tokens, self.n_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(batch, tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = self.q_norm(q.view(batch, tokens, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(batch, tokens, self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.view(batch, tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if slots is not None:
             k, v = self.kv_cache.update(slots, k, v)
@@ -114,12 +121,12 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: Qwen3Config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate_proj, up_proj stacked
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -135,16 +142,18 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask(query_slots: torch.Tensor, key_length: int, pad: torch.Tensor) -> torch.Tensor:
-    """Which key slots each query may see, [batch, 1, queries, keys].
+def attention_mask(query_slots: torch.Tensor, key_length: int, pad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What each query adds to its attention scores, [batch, 1, queries, keys]: 0 where it may look, -inf elsewhere.
 
     Causal (key slot <= query slot), never a row's left padding (key slot >= pad[row]). A padding
-    query also sees itself, so no row of the mask is empty and no NaN enters the cache.
+    query also sees itself, so no row of the mask is empty and no NaN enters the cache. Additive and in
+    the activations' dtype because it is built once per step: SDPA would convert a boolean mask in every layer.
     """
     keys = torch.arange(key_length, device=query_slots.device)
     causal = keys <= query_slots[:, None]
     not_padding = keys >= pad[:, None, None]
-    return ((causal & not_padding) | (keys == query_slots[:, None]))[:, None]
+    allowed = ((causal & not_padding) | (keys == query_slots[:, None]))[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 class Qwen3(nn.Module):
@@ -167,6 +176,26 @@ class Qwen3(nn.Module):
             attn = layer.self_attn
             attn.kv_cache = KVCache(batch_size, length, attn.n_kv_heads, attn.head_dim, weight.dtype, weight.device)
 
+    def checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every parameter under its checkpoint name (without transformers' "model." prefix); the stacked q/k/v
+        and gate/up matrices as views of their row blocks, under the names checkpoints store them by."""
+        cfg = self.config
+        q_rows, kv_rows = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        stacked = {
+            "self_attn.qkv_proj": (("self_attn.q_proj", q_rows), ("self_attn.k_proj", kv_rows), ("self_attn.v_proj", kv_rows)),
+            "mlp.gate_up_proj": (("mlp.gate_proj", cfg.intermediate_size), ("mlp.up_proj", cfg.intermediate_size)),
+        }
+        for name, param in self.named_parameters():
+            module, _, kind = name.rpartition(".")  # "layers.3.mlp.gate_up_proj", "weight"
+            parts = stacked.get(module.split(".", 2)[-1]) if module.startswith("layers.") else None
+            if parts is None:
+                yield name, param
+                continue
+            layer, start = ".".join(module.split(".", 2)[:2]), 0
+            for part, rows in parts:
+                yield f"{layer}.{part}.{kind}", param[start : start + rows]
+                start += rows
+
     @property
     def cache_shape(self) -> tuple[int, int] | None:
         """(batch size, slots) of the current cache, or None."""
@@ -179,6 +208,7 @@ class Qwen3(nn.Module):
         input_pos: torch.Tensor | None = None,
         pad: torch.Tensor | None = None,
         last_only: bool = False,
+        key_length: int | None = None,
     ) -> torch.Tensor:
         """Logits [batch, tokens, vocab] (or [batch, 1, vocab] with last_only).
 
@@ -193,10 +223,15 @@ class Qwen3(nn.Module):
             input_pos = torch.arange(tokens, device=input_ids.device)
         if pad is None:
             pad = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
-        key_length = tokens if slots is None else self.layers[0].self_attn.kv_cache.k.shape[2]
-        mask = attention_mask(input_pos, key_length, pad)
-        positions = (input_pos[None, :] - pad[:, None]).clamp(min=0)
+        if slots is None:
+            key_length = tokens
+        elif key_length is None:
+            key_length = self.layers[0].self_attn.kv_cache.k.shape[2]
         x = self.embed_tokens(input_ids)
+        mask = attention_mask(input_pos, key_length, pad, x.dtype)
+        # The key axis grows as decoding advances: compiled blocks take any length without recompiling.
+        torch._dynamo.maybe_mark_dynamic(mask, -1)
+        positions = (input_pos[None, :] - pad[:, None]).clamp(min=0)
         rope = rotary_angles(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, mask, slots)

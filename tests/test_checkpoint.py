@@ -127,7 +127,7 @@ def test_untied_checkpoint_loads_its_own_head(tmp_path, tokenizer_dir):
 def test_bfloat16_loading(small_checkpoint, name):
     hf = small_hf()  # the model small_checkpoint saved (float32)
     llm = qwen3gen.load(small_checkpoint, device="cpu", dtype=name)
-    params = dict(llm.model.named_parameters())
+    params = dict(llm.model.checkpoint_tensors())
     assert params and all(p.dtype == torch.bfloat16 for p in params.values())
     reference = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
     for name_, p in params.items():
@@ -152,14 +152,15 @@ def test_model_is_built_on_meta_and_each_parameter_copied_once_while_streaming(s
             yielded[0] += 1
             yield item
 
-    # (destination storage, source dtype, tensors read from the checkpoint so far), real storage only; holding
-    # the storage keeps its memory from being freed and reused, so a data_ptr match below is the same memory.
+    # (destination storage, its address, source dtype, tensors read from the checkpoint so far), real storage
+    # only; holding the storage keeps its memory from being freed and reused, so an address match below is
+    # the same memory.
     copies = []
     original_copy = torch.Tensor.copy_
 
     def spy_copy(self, src, *args, **kwargs):
         if self.device.type != "meta":  # meta init (torch's decompositions use copy_) allocates nothing
-            copies.append((self.untyped_storage(), src.dtype, yielded[0]))
+            copies.append((self.untyped_storage(), self.data_ptr(), src.dtype, yielded[0]))
         return original_copy(self, src, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "Qwen3", SpyQwen3)
@@ -169,16 +170,17 @@ def test_model_is_built_on_meta_and_each_parameter_copied_once_while_streaming(s
     monkeypatch.undo()
 
     assert built == [{"meta"}], "the model must be built on the meta device, with no storage to initialise"
-    params = list(model.parameters())
-    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in params)
-    # Every final parameter received exactly one copy, straight from the float32 file into its bf16 storage:
-    # no float32 model converted afterwards, no parameter written twice.
-    assert len(copies) == len(params)
-    for p in params:
-        assert sum(dst.data_ptr() == p.untyped_storage().data_ptr() for dst, _, _ in copies) == 1
-    assert all(src == torch.float32 for _, src, _ in copies)
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in model.parameters())
+    # Every checkpoint tensor was copied exactly once, straight from the float32 file into its place in the bf16
+    # parameters (q/k/v and gate/up: a row block of one matrix): no float32 model converted afterwards, no
+    # parameter written twice.
+    targets = [t for _, t in model.checkpoint_tensors()]
+    assert len(targets) > len(list(model.parameters())) and len(copies) == len(targets)
+    for t in targets:
+        assert sum(address == t.data_ptr() for _, address, _, _ in copies) == 1
+    assert all(src == torch.float32 for _, _, src, _ in copies)
     # Streaming: the k-th copy happens when exactly k tensors have been read (no state dict read up front).
-    assert [seen for _, _, seen in copies] == list(range(1, len(params) + 1))
+    assert [seen for _, _, _, seen in copies] == list(range(1, len(targets) + 1))
 
 
 # --- 3. refusals ----------------------------------------------------------------------------------------------

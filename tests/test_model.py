@@ -83,25 +83,31 @@ def test_greedy_tokens_equal_transformers_with_and_without_cache(tiny_llm, tiny_
 
 @pytest.mark.slow
 def test_compiled_greedy_equals_eager_without_recompiles(tiny_checkpoint, tiny_llm):
-    """After warm-up (decode step + prefill buckets 16 and 32), 20 prompt lengths compile nothing new."""
+    """After warm-up (decode step + prefill buckets 16 and 32), 20 prompt lengths compile nothing new, and neither
+    do the attention lengths decoding passes through (64 and 128 slots here)."""
     compiled = qwen3gen.load(tiny_checkpoint, device="cpu", compile=True)
-    compiled.engine.warmup(batch_size=1, prompt_tokens=32, max_new_tokens=32)
+    compiled.engine.warmup(batch_size=1, prompt_tokens=32, max_new_tokens=40)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for words in range(1, 21):
         prompt = " ".join(["token"] * words) + "."
-        eager = tiny_llm.generate(prompt, max_new_tokens=32, temperature=0.0)
+        eager = tiny_llm.generate(prompt, max_new_tokens=40, temperature=0.0)
         with torch._dynamo.config.patch(error_on_recompile=True):
-            assert compiled.generate(prompt, max_new_tokens=32, temperature=0.0).token_ids == eager.token_ids
+            assert compiled.generate(prompt, max_new_tokens=40, temperature=0.0).token_ids == eager.token_ids
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_folded_and_enable_gqa_attention_agree(tokens):
-    """The CPU layout (query groups folded into the query axis) and the GPU one (SDPA's enable_gqa), on CPU tensors."""
+    """The CPU layout (query groups folded into the query axis) and the GPU one (SDPA's enable_gqa), on CPU tensors.
+
+    Both read only the slots the mask covers: the cache's later slots hold NaN, which would poison the output.
+    """
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 16, tokens, 64), torch.randn(2, 8, 12, 64), torch.randn(2, 8, 12, 64)
-    mask = attention_mask(torch.arange(7 - tokens, 7), 12, torch.tensor([0, 3]))
+    mask = attention_mask(torch.arange(7 - tokens, 7), 12, torch.tensor([0, 3]), torch.float32)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
+    unused = torch.full((2, 8, 4, 64), float("nan"))
+    k, v = torch.cat([k, unused], dim=2), torch.cat([v, unused], dim=2)
     for fold in (True, False):
         torch.testing.assert_close(grouped_query_attention(q, k, v, mask, fold=fold), expected)
 
@@ -122,20 +128,23 @@ class ReplayOnCPU:
 
 
 def test_graph_bookkeeping_records_once_per_shape_and_cache(tiny_llm, monkeypatch):
-    """The CUDA-graph path's logic on CPU: prefill and decode reuse their recordings, a new cache records again."""
+    """The CUDA-graph path's logic on CPU: prefill and decode reuse their recordings (one per attention length),
+    a new cache records again."""
     monkeypatch.setattr(generate, "CapturedStep", ReplayOnCPU)
     engine = generate.Engine(tiny_llm.model)
     monkeypatch.setattr(engine, "compiled", True)  # bucketed prompts and a kept cache; the model itself stays eager
     monkeypatch.setattr(engine, "cuda_graphs", True)
     prompts = [tiny_llm.tokenizer.encode(p) for p in (PROMPT, "Hi", "A third, somewhat longer prompt than the others.")]
-    expected = [tiny_llm.generate(p, max_new_tokens=12, temperature=0.0, ignore_eos=True).token_ids for p in prompts]
+    expected = [tiny_llm.generate(p, max_new_tokens=56, temperature=0.0, ignore_eos=True).token_ids for p in prompts]
     for prompt, tokens in zip(prompts, expected):
-        out = torch.cat(list(engine.tokens([prompt], 12, SamplingParams(), pad_id=0)), dim=1)[0].tolist()
+        out = torch.cat(list(engine.tokens([prompt], 56, SamplingParams(), pad_id=0)), dim=1)[0].tolist()
         assert out == tokens
-    assert sorted(engine.graphs) == [(1, 1), (1, 16)] and ReplayOnCPU.recorded == 2
+    # (batch, tokens, key length): prompts fill bucket 16, decoding reaches position 71, past 64 slots.
+    assert sorted(engine.graphs) == [(1, 1, 64), (1, 1, 128), (1, 16, 64)] and ReplayOnCPU.recorded == 3
+    assert tiny_llm.model.cache_shape == (1, 128 + generate.CACHE_ROUNDING)  # 16 + 56 slots, rounded, and a spare block
     tiny_llm.model.setup_cache(1, 64)  # what another engine on the same model may do
     torch.cat(list(engine.tokens([prompts[0]], 12, SamplingParams(), pad_id=0)), dim=1)
-    assert ReplayOnCPU.recorded == 4
+    assert ReplayOnCPU.recorded == 5
 
 
 @pytest.mark.slow

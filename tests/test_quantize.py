@@ -44,7 +44,7 @@ def test_quantized_model_quality(tiny_checkpoint):
     int8 = qwen3gen.load(tiny_checkpoint, device="cpu", quantization="int8")
     fp32 = qwen3gen.load(tiny_checkpoint, device="cpu", dtype="float32")
     assert int8.model.embed_tokens.weight.dtype == torch.bfloat16
-    assert all(isinstance(m, Int8Linear) for m in (int8.model.lm_head, int8.model.layers[0].mlp.down_proj, int8.model.layers[1].self_attn.q_proj))
+    assert all(isinstance(m, Int8Linear) for m in (int8.model.lm_head, int8.model.layers[0].mlp.down_proj, int8.model.layers[1].self_attn.qkv_proj))
     prompt = bf16.tokenizer.encode("Explain large language models.")
     ids = torch.tensor([prompt + bf16.generate(prompt, max_new_tokens=48, temperature=0.0, ignore_eos=True).token_ids])
     with torch.inference_mode():

@@ -50,7 +50,7 @@ def test_config_switches(qwen2):
     assert (cfg.model_type, cfg.qk_norm, cfg.attention_bias, cfg.o_proj_bias) == ("qwen2", False, True, False)
     assert cfg.head_dim == hf.model.layers[0].self_attn.head_dim == (16 if cfg.tie_word_embeddings else 32)
     assert cfg.tie_word_embeddings == (llm.model.lm_head is None) == hf.config.tie_word_embeddings
-    names = {n for n, _ in llm.model.named_parameters()}
+    names = {n for n, _ in llm.model.checkpoint_tensors()}
     assert "layers.0.self_attn.v_proj.bias" in names and "layers.0.self_attn.o_proj.bias" not in names
     assert not any("norm" in n for n in names if ".self_attn." in n)
     assert hf.model.layers[1].self_attn.k_proj.bias.abs().min() > 0  # random, so a dropped bias changes the logits
@@ -89,7 +89,7 @@ def test_int8_keeps_the_biases(qwen2_checkpoint):
     """int8 equals the float model with every linear weight replaced by its dequantised int8 copy, biases kept."""
     dequantised = load_model(Checkpoint.open(qwen2_checkpoint), CPU, torch.float32)
     int8 = quantize(load_model(Checkpoint.open(qwen2_checkpoint), CPU, torch.float32), "int8")
-    assert isinstance(int8.layers[0].self_attn.q_proj, Int8Linear) and int8.layers[0].self_attn.q_proj.bias is not None
+    assert isinstance(int8.layers[0].self_attn.qkv_proj, Int8Linear) and int8.layers[0].self_attn.qkv_proj.bias is not None
     with torch.no_grad():
         for module in dequantised.modules():
             if isinstance(module, torch.nn.Linear):
