@@ -140,12 +140,13 @@ def bucket(length: int, limit: int) -> int:
 class CapturedStep:
     """One call of `step`, recorded as a CUDA graph for these input shapes: a replay launches all its kernels at once.
 
-    Inputs are copied into the graph's own buffers; the result is the graph's output buffer, valid until the
-    next replay. The warm-up call before recording compiles the step and runs it for real, so it must be a
-    call whose effects (its KV-cache writes) the replay repeats anyway.
+    Inputs are copied into the graph's own buffers; the result is the graph's output buffer. The graphs of one
+    engine share a memory pool, so that result is valid until the next replay of any of them. The warm-up call
+    before recording compiles the step and runs it for real, so it must be a call whose effects (its KV-cache
+    writes) the replay repeats anyway.
     """
 
-    def __init__(self, step: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> None:
+    def __init__(self, step: Callable[..., torch.Tensor], pool: tuple[int, int] | None, *inputs: torch.Tensor) -> None:
         self.inputs = [x.clone() for x in inputs]
         stream = torch.cuda.Stream(self.inputs[0].device)
         stream.wait_stream(torch.cuda.current_stream())
@@ -153,8 +154,9 @@ class CapturedStep:
             step(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.output = step(*self.inputs)
+        self.pool = self.graph.pool()  # pool=None gave this graph a new one
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for buffer, x in zip(self.inputs, inputs):
@@ -166,8 +168,8 @@ class CapturedStep:
 class Engine:
     """Runs requests on one model: owns its KV cache and the (optionally compiled) prefill and decode steps.
 
-    Compiled, the model's transformer blocks are compiled in place (one graph serves all layers, so warm-up
-    takes seconds, not minutes) and, on a GPU, each whole step is recorded as one CUDA graph per shape.
+    Compiled, the model's transformer blocks and final norm are compiled in place (one graph serves all layers,
+    so warm-up takes seconds, not minutes) and, on a GPU, each whole step is recorded as one CUDA graph per shape.
     Prompts are left-padded to a bucket length and the cache is kept while it is big enough, so new
     requests neither recompile nor record again.
     """
@@ -179,14 +181,15 @@ class Engine:
         self.cuda_graphs = compile and self.device.type == "cuda"
         self.graphs: dict[tuple[int, ...], CapturedStep] = {}  # by input shape and key length, for the cache they were recorded on
         self.graphs_cache: object = None
+        self.graph_pool: tuple[int, int] | None = None  # the memory pool all of them share
         if compile:
             # One graph per prefill bucket: more than dynamo's default limit of 8 shapes per function.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             if self.device.type == "cuda":
                 # Turns matrix-vector products (batch-1 decoding) into tuned reductions fused with their neighbours.
                 torch._inductor.config.coordinate_descent_tuning = True
-            for layer in model.layers:
-                layer.compile(fullgraph=True, dynamic=False)
+            for module in [*model.layers, model.norm]:  # the final norm: one kernel instead of eight
+                module.compile(fullgraph=True, dynamic=False)
 
     def step(self, ids: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor, key_length: int) -> torch.Tensor:
         """Logits of the last position, [batch, vocab]: a prefill (many ids) or a decode step (one id per row)."""
@@ -194,10 +197,12 @@ class Engine:
             return self.last_logits(ids, input_pos, pad, key_length)
         cache = self.model.layers[0].self_attn.kv_cache
         if cache is not self.graphs_cache:  # a new cache: the recorded graphs point at the old one
-            self.graphs, self.graphs_cache = {}, cache
+            self.graphs, self.graphs_cache, self.graph_pool = {}, cache, None
         key = (*ids.shape, key_length)
         if key not in self.graphs:
-            self.graphs[key] = CapturedStep(functools.partial(self.last_logits, key_length=key_length), ids, input_pos, pad)
+            step = functools.partial(self.last_logits, key_length=key_length)
+            self.graphs[key] = CapturedStep(step, self.graph_pool, ids, input_pos, pad)
+            self.graph_pool = self.graphs[key].pool
         return self.graphs[key](ids, input_pos, pad)
 
     def last_logits(self, ids: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor, key_length: int) -> torch.Tensor:
@@ -208,12 +213,14 @@ class Engine:
     def key_length(self, end: int) -> int:
         """Cache slots that a step writing positions up to end - 1 attends over.
 
-        Attention reads every slot it is given, so it gets the next power of two (at least 64) rather than the whole
-        cache: at batch 64 the cache is most of what a step reads. Powers of two keep the recorded CUDA graphs few.
-        A compiled engine never hands over its last CACHE_ROUNDING slots (see ensure_cache).
+        Attention reads every slot it is given, so it gets a few more than `end` rather than the whole cache: at batch
+        64 the cache is most of what a step reads. Each length is one recorded CUDA graph, so they come in steps: the
+        next multiple of 64 up to 1,024 slots, then the next power of two. A compiled engine never hands over its
+        last CACHE_ROUNDING slots (see ensure_cache).
         """
         usable = self.model.cache_shape[1] - (CACHE_ROUNDING if self.compiled else 0)
-        return min(max(64, 1 << (end - 1).bit_length()), usable)
+        step = 64 if end <= 1024 else 1 << (end - 1).bit_length()
+        return min(-(-end // step) * step, usable)
 
     def warmup(self, batch_size: int, prompt_tokens: int, max_new_tokens: int) -> None:
         """Compile ahead of time the decode step and every prefill bucket up to prompt_tokens."""

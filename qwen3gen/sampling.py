@@ -67,11 +67,14 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def next_token(logits: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """The next token of every row, [batch]; logits [batch, vocab] in any dtype (sampled in float32)."""
-    logits = logits.float()
+    """The next token of every row, [batch]; logits [batch, vocab] in any dtype (penalised and sampled in float32).
+
+    Greedy without a penalty takes the argmax in the logits' own dtype: the same token (widening to float32 is
+    exact), without writing and reading a float32 copy of the logits.
+    """
     if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits, params).softmax(dim=-1)
+    probs = filter_logits(logits.float(), params).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # On the lent H200 (its own torch and transformers; nothing installed): CUDA correctness, a decode profile, the benchmark tables.
-# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|all]  (check runs the batch-1 bench too)
+# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|all]  (check runs the benches too)
 # The tokenizer files must travel with the tree: here, `mkdir .tok && cp ../shared/qwen3-tokenizer/*.json .tok/`,
 # `echo /.tok/ >> .git/info/exclude`, then name `.tok` in the device call's carry and pass `.tok $OUT`.
 # Each step has its own time limit and log file, so a slow step cannot take the others' results with it;
-# the bench prints each row as soon as it is measured. "check" (with the batch-1 bench) and "more" each fit one 10-minute call.
+# the bench prints each row as soon as it is measured. "check" (CUDA checks, batch-1 and batch-64 benches) and "more"
+# (1,024-token TTFT, int8, profiles, attention alone) each fit one 10-minute call.
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 out="$2"
@@ -16,15 +17,16 @@ bench() {
     timeout "$limit" python3 -m qwen3gen.cli bench --device cuda --dtype bfloat16 "$@" >> "$out/$log.log" 2>&1
 }
 if [ "$what" = check ] || [ "$what" = all ]; then
-    timeout 200 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
-    timeout 90 python3 scripts/gpu_profile.py 1 > "$out/profile.log" 2>&1
+    timeout 180 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
 fi
 if [ "$what" = bench ] || [ "$what" = check ] || [ "$what" = all ]; then
     bench bench-batch1 240 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --engines transformers,qwen3gen-compiled,qwen3gen,transformers-static
+    bench bench-batch64 130 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 --engines transformers,qwen3gen-compiled
 fi
 if [ "$what" = more ] || [ "$what" = all ]; then
-    bench bench-batch64 130 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 --engines transformers,qwen3gen-compiled
     bench bench-ttft1024 90 --prompt-tokens 1024 --new-tokens 16 --batch 1 --reps 5 --engines transformers,qwen3gen-compiled
-    bench bench-int8 170 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --quantize int8 --engines transformers,qwen3gen-compiled
+    bench bench-int8 150 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --quantize int8 --engines transformers,qwen3gen-compiled
+    timeout 70 python3 scripts/gpu_profile.py 1 > "$out/profile.log" 2>&1
     timeout 60 python3 scripts/gpu_profile.py 64 > "$out/profile64.log" 2>&1
+    timeout 40 python3 scripts/gpu_attention.py > "$out/attention.log" 2>&1
 fi

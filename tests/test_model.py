@@ -117,8 +117,9 @@ class ReplayOnCPU:
 
     recorded = 0
 
-    def __init__(self, step, *inputs):
+    def __init__(self, step, pool, *inputs):
         ReplayOnCPU.recorded += 1
+        self.pool = pool
         self.step, self.inputs = step, [x.clone() for x in inputs]
 
     def __call__(self, *inputs):
