@@ -183,8 +183,8 @@ class Engine:
         self.graphs_cache: object = None
         self.graph_pool: tuple[int, int] | None = None  # the memory pool all of them share
         if compile:
-            # One graph per prefill bucket: more than dynamo's default limit of 8 shapes per function.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+            # A graph per prefill bucket and, on CUDA, per attention length: more than dynamo's default limit of 8.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             if self.device.type == "cuda":
                 # Turns matrix-vector products (batch-1 decoding) into tuned reductions fused with their neighbours.
                 torch._inductor.config.coordinate_descent_tuning = True
@@ -214,12 +214,13 @@ class Engine:
         """Cache slots that a step writing positions up to end - 1 attends over.
 
         Attention reads every slot it is given, so it gets a few more than `end` rather than the whole cache: at batch
-        64 the cache is most of what a step reads. Each length is one recorded CUDA graph, so they come in steps: the
-        next multiple of 64 up to 1,024 slots, then the next power of two. A compiled engine never hands over its
-        last CACHE_ROUNDING slots (see ensure_cache).
+        64 the cache is most of what a step reads. Each length is one recorded CUDA graph, and on CUDA one compiled
+        graph too (SDPA's kernel choice fixes the length; on CPU one graph takes them all), so lengths come in steps:
+        the next multiple of 64 up to 512 slots, then the next power of two, at most 15 up to the 40,960-token context.
+        A compiled engine never hands over its last CACHE_ROUNDING slots (see ensure_cache).
         """
         usable = self.model.cache_shape[1] - (CACHE_ROUNDING if self.compiled else 0)
-        step = 64 if end <= 1024 else 1 << (end - 1).bit_length()
+        step = 64 if end <= 512 else 1 << (end - 1).bit_length()
         return min(-(-end // step) * step, usable)
 
     def warmup(self, batch_size: int, prompt_tokens: int, max_new_tokens: int) -> None:

@@ -229,7 +229,7 @@ class Qwen3(nn.Module):
             key_length = self.layers[0].self_attn.kv_cache.k.shape[2]
         x = self.embed_tokens(input_ids)
         mask = attention_mask(input_pos, key_length, pad, x.dtype)
-        # The key axis grows as decoding advances: compiled blocks take any length without recompiling.
+        # The key axis grows as decoding advances: on CPU, compiled blocks take any length without recompiling.
         torch._dynamo.maybe_mark_dynamic(mask, -1)
         positions = (input_pos[None, :] - pad[:, None]).clamp(min=0)
         rope = rotary_angles(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
