@@ -1,12 +1,14 @@
 """The generation loop: prefill the prompt once, then one token at a time through the KV cache.
 
 The loop keeps tokens on the device and copies them to the host in chunks, so the GPU is not
-stalled by a host sync every step; rows that hit EOS or a stop string are cut afterwards, and the
-loop ends as soon as every row is finished.
+stalled by a host sync every step; on a GPU the next chunk is already queued while the host turns
+the last one into text. Rows that hit EOS or a stop string are cut afterwards, and the loop ends as
+soon as every row is finished.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import resource
 import sys
@@ -132,6 +134,26 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.xpu.reset_peak_memory_stats(device)
 
 
+class HostCopy:
+    """A device tensor on its way to the host: on CUDA the copy is queued behind the work already queued, and
+    `wait` blocks only until it has arrived, not until the GPU is idle."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.event = None
+        if tensor.device.type != "cuda":
+            self.host = tensor.cpu()
+            return
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host.copy_(tensor, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def wait(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+
 def bucket(length: int, limit: int) -> int:
     """Round a prompt length up to a power of two (at least 16), so a compiled prefill sees few shapes."""
     return min(max(16, 1 << (length - 1).bit_length()), limit)
@@ -140,13 +162,12 @@ def bucket(length: int, limit: int) -> int:
 class CapturedStep:
     """One call of `step`, recorded as a CUDA graph for these input shapes: a replay launches all its kernels at once.
 
-    Inputs are copied into the graph's own buffers; the result is the graph's output buffer. The graphs of one
-    engine share a memory pool, so that result is valid until the next replay of any of them. The warm-up call
-    before recording compiles the step and runs it for real, so it must be a call whose effects (its KV-cache
-    writes) the replay repeats anyway.
+    Inputs are copied into the graph's own buffers; the result is the graph's output buffer, valid until the
+    next replay. The warm-up call before recording compiles the step and runs it for real, so it must be a
+    call whose effects (its KV-cache writes) the replay repeats anyway.
     """
 
-    def __init__(self, step: Callable[..., torch.Tensor], pool: tuple[int, int] | None, *inputs: torch.Tensor) -> None:
+    def __init__(self, step: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> None:
         self.inputs = [x.clone() for x in inputs]
         stream = torch.cuda.Stream(self.inputs[0].device)
         stream.wait_stream(torch.cuda.current_stream())
@@ -154,9 +175,8 @@ class CapturedStep:
             step(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph):
             self.output = step(*self.inputs)
-        self.pool = self.graph.pool()  # pool=None gave this graph a new one
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for buffer, x in zip(self.inputs, inputs):
@@ -179,9 +199,11 @@ class Engine:
         self.device = model.embed_tokens.weight.device
         self.compiled = compile
         self.cuda_graphs = compile and self.device.type == "cuda"
+        # Chunks of tokens kept queued before one is handed out: on a GPU, the host decodes one chunk into text
+        # while the next runs. On a CPU the steps run in this thread anyway, so waiting would only delay text.
+        self.chunks_ahead = 1 if self.device.type == "cuda" else 0
         self.graphs: dict[tuple[int, ...], CapturedStep] = {}  # by input shape and key length, for the cache they were recorded on
         self.graphs_cache: object = None
-        self.graph_pool: tuple[int, int] | None = None  # the memory pool all of them share
         if compile:
             # A graph per prefill bucket and, on CUDA, per attention length: more than dynamo's default limit of 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -197,12 +219,11 @@ class Engine:
             return self.last_logits(ids, input_pos, pad, key_length)
         cache = self.model.layers[0].self_attn.kv_cache
         if cache is not self.graphs_cache:  # a new cache: the recorded graphs point at the old one
-            self.graphs, self.graphs_cache, self.graph_pool = {}, cache, None
+            self.graphs, self.graphs_cache = {}, cache
         key = (*ids.shape, key_length)
         if key not in self.graphs:
             step = functools.partial(self.last_logits, key_length=key_length)
-            self.graphs[key] = CapturedStep(step, self.graph_pool, ids, input_pos, pad)
-            self.graph_pool = self.graphs[key].pool
+            self.graphs[key] = CapturedStep(step, ids, input_pos, pad)
         return self.graphs[key](ids, input_pos, pad)
 
     def last_logits(self, ids: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor, key_length: int) -> torch.Tensor:
@@ -282,7 +303,7 @@ class Engine:
         token = next_token(logits, seen, params, generator)
         yield token[:, None].cpu()
         input_pos = torch.tensor([length], device=self.device)
-        pending = []
+        pending, queued = [], collections.deque()
         for step in range(1, max_new_tokens):
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
@@ -291,8 +312,12 @@ class Engine:
             input_pos = input_pos + 1
             pending.append(token)
             if len(pending) == sync_every or step == max_new_tokens - 1:
-                yield torch.stack(pending, dim=1).cpu()
+                queued.append(HostCopy(torch.stack(pending, dim=1)))
                 pending = []
+                if len(queued) > self.chunks_ahead:
+                    yield queued.popleft().wait()
+        while queued:
+            yield queued.popleft().wait()
 
 
 def run_rows(

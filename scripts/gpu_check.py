@@ -106,6 +106,12 @@ def main(tokenizer_dir: Path, device: str = "cuda") -> int:
     for gap in gaps:
         print("    divergence at", gap)
 
+    # Run to run at batch 64 (cuBLAS matrix products, many rows): the same request twice gives the same tokens.
+    batch = [torch.randint(0, 151643, (32,)).tolist() for _ in range(64)]
+    runs = [torch.cat(list(compiled.tokens(batch, 80, SamplingParams(), pad_id=0)), dim=1) for _ in range(3)]
+    differing = [int((run != runs[0]).any(dim=1).sum()) for run in runs[1:]]
+    check("batch 64, bf16: three runs of one request give the same greedy tokens", differing == [0, 0], f"rows differing from the first run: {differing}")
+
     print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all CUDA checks passed", flush=True)
     return 1 if FAILURES else 0
 

@@ -5,7 +5,7 @@
 # `echo /.tok/ >> .git/info/exclude`, then name `.tok` in the device call's carry and pass `.tok $OUT`.
 # Each step has its own time limit and log file, so a slow step cannot take the others' results with it;
 # the bench prints each row as soon as it is measured. "check" (CUDA checks, batch-1 and batch-64 benches) and "more"
-# (1,024-token TTFT, int8, profiles, attention alone) each fit one 10-minute call.
+# (1,024-token TTFT, int8, profiles, attention alone, the Python API at batch 64) each fit one 10-minute call.
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 out="$2"
@@ -29,4 +29,5 @@ if [ "$what" = more ] || [ "$what" = all ]; then
     timeout 70 python3 scripts/gpu_profile.py 1 > "$out/profile.log" 2>&1
     timeout 60 python3 scripts/gpu_profile.py 64 > "$out/profile64.log" 2>&1
     timeout 40 python3 scripts/gpu_attention.py > "$out/attention.log" 2>&1
+    timeout 150 python3 scripts/gpu_overlap.py "$1" > "$out/overlap.log" 2>&1
 fi

@@ -196,6 +196,25 @@ def test_n_samples_per_prompt(tiny_llm):
         tiny_llm.generate(PROMPT, n=0)
 
 
+def test_chunks_queued_ahead_give_the_same_tokens_in_the_same_chunks(tiny_llm, monkeypatch):
+    """The GPU's lookahead (one chunk queued while the host decodes the previous one), on CPU tensors."""
+    prompts = [tiny_llm.tokenizer.encode(PROMPT), tiny_llm.tokenizer.encode("Hi")]
+
+    def chunks():
+        return [c.tolist() for c in tiny_llm.engine.tokens(prompts, 40, SamplingParams(), pad_id=0, sync_every=16)]
+
+    expected = chunks()
+    assert tiny_llm.engine.chunks_ahead == 0 and [len(c[0]) for c in expected] == [1, 16, 16, 7]
+    free = tiny_llm.generate([PROMPT, "Hi"], max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    monkeypatch.setattr(tiny_llm.engine, "chunks_ahead", 1)
+    assert chunks() == expected
+    assert [g.token_ids for g in tiny_llm.generate([PROMPT, "Hi"], max_new_tokens=40, temperature=0.0, ignore_eos=True)] == [
+        g.token_ids for g in free
+    ]
+    stopped = tiny_llm.generate(PROMPT, max_new_tokens=40, temperature=0.0, stop=tiny_llm.tokenizer.decode(free[0].token_ids[18:20]))
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free[0].token_ids[: len(stopped.token_ids)]
+
+
 def test_batch_rows_finish_on_their_own(tiny_llm):
     prompts = [PROMPT, "Hi"]
     free = tiny_llm.generate(prompts, max_new_tokens=16, temperature=0.0)

@@ -117,9 +117,8 @@ class ReplayOnCPU:
 
     recorded = 0
 
-    def __init__(self, step, pool, *inputs):
+    def __init__(self, step, *inputs):
         ReplayOnCPU.recorded += 1
-        self.pool = pool
         self.step, self.inputs = step, [x.clone() for x in inputs]
 
     def __call__(self, *inputs):
