@@ -189,7 +189,8 @@ class Engine:
     """Runs requests on one model: owns its KV cache and the (optionally compiled) prefill and decode steps.
 
     Compiled, the model's transformer blocks and final norm are compiled in place (one graph serves all layers,
-    so warm-up takes seconds, not minutes) and, on a GPU, each whole step is recorded as one CUDA graph per shape.
+    so warm-up takes seconds, not minutes) and, on a GPU, each whole step is recorded as one CUDA graph per shape
+    and attention length.
     Prompts are left-padded to a bucket length and the cache is kept while it is big enough, so new
     requests neither recompile nor record again.
     """
