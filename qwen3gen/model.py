@@ -153,7 +153,7 @@ def attention_mask(query_slots: torch.Tensor, key_length: int, pad: torch.Tensor
     causal = keys <= query_slots[:, None]
     not_padding = keys >= pad[:, None, None]
     allowed = ((causal & not_padding) | (keys == query_slots[:, None]))[:, None]
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    return torch.full(allowed.shape, float("-inf"), dtype=dtype, device=allowed.device).masked_fill_(allowed, 0.0)
 
 
 class Qwen3(nn.Module):
@@ -179,21 +179,21 @@ class Qwen3(nn.Module):
     def checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every parameter under its checkpoint name (without transformers' "model." prefix); the stacked q/k/v
         and gate/up matrices as views of their row blocks, under the names checkpoints store them by."""
-        cfg = self.config
-        q_rows, kv_rows = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        q_rows, k_rows, v_rows = self.layers[0].self_attn.qkv_sizes
+        mlp_rows = self.config.intermediate_size
         stacked = {
-            "self_attn.qkv_proj": (("self_attn.q_proj", q_rows), ("self_attn.k_proj", kv_rows), ("self_attn.v_proj", kv_rows)),
-            "mlp.gate_up_proj": (("mlp.gate_proj", cfg.intermediate_size), ("mlp.up_proj", cfg.intermediate_size)),
+            "self_attn.qkv_proj": (("self_attn.q_proj", q_rows), ("self_attn.k_proj", k_rows), ("self_attn.v_proj", v_rows)),
+            "mlp.gate_up_proj": (("mlp.gate_proj", mlp_rows), ("mlp.up_proj", mlp_rows)),
         }
         for name, param in self.named_parameters():
             module, _, kind = name.rpartition(".")  # "layers.3.mlp.gate_up_proj", "weight"
-            parts = stacked.get(module.split(".", 2)[-1]) if module.startswith("layers.") else None
-            if parts is None:
+            *layer, local = module.split(".", 2)  # ["layers", "3"], "mlp.gate_up_proj"
+            if local not in stacked:
                 yield name, param
                 continue
-            layer, start = ".".join(module.split(".", 2)[:2]), 0
-            for part, rows in parts:
-                yield f"{layer}.{part}.{kind}", param[start : start + rows]
+            start = 0
+            for part, rows in stacked[local]:
+                yield ".".join([*layer, part, kind]), param[start : start + rows]
                 start += rows
 
     @property

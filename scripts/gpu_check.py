@@ -106,7 +106,7 @@ def main(tokenizer_dir: Path, device: str = "cuda") -> int:
     for gap in gaps:
         print("    divergence at", gap)
 
-    # Run to run at batch 64 (cuBLAS matrix products, many rows): the same request twice gives the same tokens.
+    # Run to run at batch 64 (cuBLAS matrix products, many rows): the same request three times gives the same tokens.
     batch = [torch.randint(0, 151643, (32,)).tolist() for _ in range(64)]
     runs = [torch.cat(list(compiled.tokens(batch, 80, SamplingParams(), pad_id=0)), dim=1) for _ in range(3)]
     differing = [int((run != runs[0]).any(dim=1).sum()) for run in runs[1:]]
