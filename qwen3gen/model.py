@@ -35,9 +35,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x over the root mean square of its last axis, times weight (which broadcasts against x)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
 
 
 def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +73,9 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
+        # Indexed assignment: compiled, it is stored by the kernel that computes k (or v), not by a kernel of its own.
+        self.k[:, :, slots] = k
+        self.v[:, :, slots] = v
         return self.k, self.v
 
 
@@ -105,15 +111,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        q = self.q_norm(q.view(batch, tokens, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(k.view(batch, tokens, self.n_kv_heads, self.head_dim)).transpose(1, 2)
-        v = v.view(batch, tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        heads = self.qkv_proj(x).view(batch, tokens, -1, self.head_dim).transpose(1, 2)  # query, key, value heads
+        qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=1)
+        # Query and key heads are normed and rotated as one tensor: compiled, one kernel where there would be four.
+        q, k = apply_rotary(self.qk_norm(qk), *rope).split([self.n_heads, self.n_kv_heads], dim=1)
         if slots is not None:
             k, v = self.kv_cache.update(slots, k, v)
         out = grouped_query_attention(q, k, v, mask, fold=x.device.type == "cpu")
         return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+    def qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        """q_norm on the query heads and k_norm on the key heads of qk [batch, n_heads + n_kv_heads, tokens, head_dim]."""
+        if isinstance(self.q_norm, nn.Identity):
+            return qk
+        weight = torch.cat([self.q_norm.weight.expand(self.n_heads, -1), self.k_norm.weight.expand(self.n_kv_heads, -1)])
+        return rms_norm(qk, weight[:, None], self.q_norm.eps)
 
 
 class MLP(nn.Module):
@@ -196,6 +208,14 @@ class Qwen3(nn.Module):
                 yield ".".join([*layer, part, kind]), param[start : start + rows]
                 start += rows
 
+    def step_inputs(
+        self, input_pos: torch.Tensor, pad: torch.Tensor, key_length: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The attention mask and rotary angles of these slots, which every layer shares."""
+        positions = (input_pos[None, :] - pad[:, None]).clamp(min=0)
+        rope = rotary_angles(positions, self.config.head_dim, self.config.rope_theta, dtype)
+        return attention_mask(input_pos, key_length, pad, dtype), rope
+
     @property
     def cache_shape(self) -> tuple[int, int] | None:
         """(batch size, slots) of the current cache, or None."""
@@ -228,11 +248,9 @@ class Qwen3(nn.Module):
         elif key_length is None:
             key_length = self.layers[0].self_attn.kv_cache.k.shape[2]
         x = self.embed_tokens(input_ids)
-        mask = attention_mask(input_pos, key_length, pad, x.dtype)
+        mask, rope = self.step_inputs(input_pos, pad, key_length, x.dtype)
         # The key axis grows as decoding advances: on CPU, compiled blocks take any length without recompiling.
         torch._dynamo.maybe_mark_dynamic(mask, -1)
-        positions = (input_pos[None, :] - pad[:, None]).clamp(min=0)
-        rope = rotary_angles(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, mask, slots)
         if last_only:

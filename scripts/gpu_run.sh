@@ -21,7 +21,7 @@ if [ "$what" = check ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = check ] || [ "$what" = all ]; then
     bench bench-batch1 240 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --engines transformers,qwen3gen-compiled,qwen3gen,transformers-static
-    bench bench-batch64 130 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 --engines transformers,qwen3gen-compiled
+    bench bench-batch64 200 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 --engines transformers,qwen3gen-compiled
 fi
 if [ "$what" = more ] || [ "$what" = all ]; then
     bench bench-ttft1024 90 --prompt-tokens 1024 --new-tokens 16 --batch 1 --reps 5 --engines transformers,qwen3gen-compiled

@@ -112,6 +112,21 @@ def test_folded_and_enable_gqa_attention_agree(tokens):
         torch.testing.assert_close(grouped_query_attention(q, k, v, mask, fold=fold), expected)
 
 
+def test_step_inputs_compiled_as_on_a_gpu(tiny_llm):
+    """A CUDA engine compiles the mask and rotary angles into one graph per length; the same function on CPU
+    tensors gives the same values as eager."""
+    model = tiny_llm.model
+    compiled = torch.compile(model.step_inputs, fullgraph=True, dynamic=False)
+    pad = torch.tensor([0, 3])
+    for input_pos, key_length in ((torch.arange(16), 64), (torch.tensor([70]), 128)):
+        (mask, (cos, sin)), (expected_mask, (expected_cos, expected_sin)) = (
+            fn(input_pos, pad, key_length, torch.bfloat16) for fn in (compiled, model.step_inputs)
+        )
+        assert torch.equal(mask, expected_mask) and mask.shape == (2, 1, len(input_pos), key_length)
+        torch.testing.assert_close(cos, expected_cos, rtol=0, atol=2**-7)  # one bf16 step: compiled cos/sin may round differently
+        torch.testing.assert_close(sin, expected_sin, rtol=0, atol=2**-7)
+
+
 class ReplayOnCPU:
     """Stands in for CapturedStep off the GPU: the same input buffers and output, the step re-run on each replay."""
 

@@ -1,0 +1,108 @@
+"""Batch-1 decode under different inductor settings, and matrix-vector products alone, on the GPU.
+
+Usage (on the GPU machine): python3 scripts/gpu_variants.py micro
+                            python3 scripts/gpu_variants.py engine VARIANT [DEVICE]   (base, or settings joined by +: nocdt, nopdl)
+Each engine variant runs in its own process: inductor's settings are global.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qwen3gen import preset
+from qwen3gen.bench import random_model
+from qwen3gen.generate import Engine
+from qwen3gen.model import RMSNorm
+from qwen3gen.sampling import SamplingParams
+
+SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}
+
+
+def graph_time(fn, *args, reps: int = 200) -> float:
+    """Microseconds per call of fn, its calls recorded back to back in one CUDA graph (no launch gaps)."""
+    for _ in range(3):
+        fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
+def micro() -> None:
+    device = torch.device("cuda")
+    # 28 copies of each weight, as in the model: a weight read is not served from the 60 MB L2 cache.
+    for name, (n, k) in SHAPES.items():
+        weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(28)]
+        x = torch.randn(1, 1, k, device=device, dtype=torch.bfloat16)
+        norm = RMSNorm(k, 1e-6).to(device, torch.bfloat16)
+        mb = n * k * 2 / 1e6 * 28
+
+        def linear(x, ws=weights):
+            return [F.linear(x, w) for w in ws]
+
+        def normed(x, ws=weights):
+            return [F.linear(norm(x), w) for w in ws]
+
+        def report(label: str, fn) -> None:
+            us = graph_time(fn, x, reps=10) / 28
+            print(f"{name:8s} {n}x{k}: {label:32s} {us:6.2f} us  {mb / 28 / us:5.2f} TB/s", flush=True)
+
+        report("cuBLAS F.linear", linear)
+        report("cuBLAS norm+F.linear (eager)", normed)
+        for cdt in (True, False):
+            torch._inductor.config.coordinate_descent_tuning = cdt
+            torch._dynamo.reset()
+            report(f"compiled linear, cdt={cdt}", torch.compile(linear, fullgraph=True))
+            torch._dynamo.reset()
+            report(f"compiled norm+linear, cdt={cdt}", torch.compile(normed, fullgraph=True))
+
+
+def engine(variant: str, batch: int = 1) -> None:
+    device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cuda")
+    parts = set(variant.split("+"))
+    model = random_model(preset("0.6B") if device.type == "cuda" else preset("0.6B").replace(num_hidden_layers=2), device, torch.bfloat16)
+    engine = Engine(model, compile=True)
+    config = torch._inductor.config
+    if "nocdt" in parts:
+        config.coordinate_descent_tuning = False
+    if "nopdl" in parts:
+        config.triton.enable_pdl = False
+    start = time.perf_counter()
+    engine.warmup(batch, 32, 256)
+    print(f"{variant}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
+    prompts = [[1] * 32] * batch
+    rates = []
+    for _ in range(3):
+        chunks = engine.tokens(prompts, 256, SamplingParams(), pad_id=0)
+        first = next(chunks)
+        start = time.perf_counter()
+        rest = list(chunks)
+        rates.append(sum(c.shape[1] for c in rest) * batch / (time.perf_counter() - start))
+    print(f"{variant}: decode {statistics.median(rates):.1f} tok/s (runs {[round(r) for r in rates]}); first tokens {torch.cat([first, *rest], 1)[0, :12].tolist()}", flush=True)
+    if device.type != "cuda":
+        return
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        list(engine.tokens(prompts, 65, SamplingParams(), pad_id=0))
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events)
+    print(f"{variant}: GPU time per step {total / 64:.1f} us (64 decode steps + prefill); kernels per step {sum(e.count for e in events) / 64:.1f}")
+    for e in events[:28]:
+        print(f"  {e.count / 64:6.1f}/step {e.self_device_time_total / max(e.count, 1):7.2f} us  {e.key[:90]}")
+
+
+if __name__ == "__main__":
+    {"micro": micro, "engine": engine}[sys.argv[1]](*sys.argv[2:3])
