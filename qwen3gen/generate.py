@@ -214,10 +214,12 @@ class Engine:
                 # Programmatic dependent launch (Hopper and later): each kernel is launched while the one before it
                 # finishes, which hides most of the gap between the ~340 kernels of a batch-1 step (+15 % there).
                 torch._inductor.config.triton.enable_pdl = True
-                # The mask and rotary angles: two kernels instead of about twenty. Not on CPU, where one compiled
-                # graph of the blocks takes every attention length and this would compile once per length.
+                # The mask and rotary angles: a few kernels instead of about twenty. One graph for every shape and
+                # without tuning: compiled per shape and tuned, they added 28 s to a cold warm-up, this adds 5 s
+                # (scripts/gpu_warmup.py). Eager on CPU, where they are a small part of a step.
                 if not hasattr(model.step_inputs, "get_compiler_config"):  # not compiled by another engine already
-                    model.step_inputs = torch.compile(model.step_inputs, fullgraph=True, dynamic=False)
+                    options = {"coordinate_descent_tuning": False}
+                    model.step_inputs = torch.compile(model.step_inputs, fullgraph=True, dynamic=True, options=options)
             for module in [*model.layers, model.norm]:  # the final norm: one kernel instead of eight
                 module.compile(fullgraph=True, dynamic=False)
 

@@ -113,18 +113,20 @@ def test_folded_and_enable_gqa_attention_agree(tokens):
 
 
 def test_step_inputs_compiled_as_on_a_gpu(tiny_llm):
-    """A CUDA engine compiles the mask and rotary angles into one graph per length; the same function on CPU
-    tensors gives the same values as eager."""
+    """A CUDA engine compiles the mask and rotary angles into one graph for all shapes; the same function on CPU
+    tensors gives the same values as eager, and a new length does not recompile."""
     model = tiny_llm.model
-    compiled = torch.compile(model.step_inputs, fullgraph=True, dynamic=False)
-    pad = torch.tensor([0, 3])
-    for input_pos, key_length in ((torch.arange(16), 64), (torch.tensor([70]), 128)):
+    compiled = torch.compile(model.step_inputs, fullgraph=True, dynamic=True)
+    pad, graphs = torch.tensor([0, 3]), []
+    for input_pos, key_length in ((torch.arange(16), 64), (torch.tensor([70]), 128), (torch.tensor([200]), 256)):
         (mask, (cos, sin)), (expected_mask, (expected_cos, expected_sin)) = (
             fn(input_pos, pad, key_length, torch.bfloat16) for fn in (compiled, model.step_inputs)
         )
         assert torch.equal(mask, expected_mask) and mask.shape == (2, 1, len(input_pos), key_length)
         torch.testing.assert_close(cos, expected_cos, rtol=0, atol=2**-7)  # one bf16 step: compiled cos/sin may round differently
         torch.testing.assert_close(sin, expected_sin, rtol=0, atol=2**-7)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[2] == graphs[1]  # a third length and position: the second call's graph again
 
 
 class ReplayOnCPU:
