@@ -73,7 +73,6 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Indexed assignment: compiled, it is stored by the kernel that computes k (or v), not by a kernel of its own.
         self.k[:, :, slots] = k
         self.v[:, :, slots] = v
         return self.k, self.v
