@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # On the lent H200 (its own torch and transformers; nothing installed): CUDA correctness, a decode profile, the benchmark tables.
-# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|all]  (check runs the benches too)
+# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|diag|all]  (check runs the benches too)
 # The tokenizer files must travel with the tree: here, `mkdir .tok && cp ../shared/qwen3-tokenizer/*.json .tok/`,
 # `echo /.tok/ >> .git/info/exclude`, then name `.tok` in the device call's carry and pass `.tok $OUT`.
 # Each step has its own time limit and log file, so a slow step cannot take the others' results with it;
 # the bench prints each row as soon as it is measured. "check" (CUDA checks, batch-1 and batch-64 benches) and "more"
-# (1,024-token TTFT, int8, profiles, attention alone, the Python API at batch 64) each fit one 10-minute call.
+# (1,024-token TTFT, int8, profiles, attention alone, the Python API at batch 64) each fit one 10-minute call, and so
+# does "diag" (matrix-vector products alone, run-to-run at batch 64, batch 1 without dependent launch, cold warm-up).
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 out="$2"
@@ -30,4 +31,11 @@ if [ "$what" = more ] || [ "$what" = all ]; then
     timeout 60 python3 scripts/gpu_profile.py 64 > "$out/profile64.log" 2>&1
     timeout 40 python3 scripts/gpu_attention.py > "$out/attention.log" 2>&1
     timeout 150 python3 scripts/gpu_overlap.py "$1" > "$out/overlap.log" 2>&1
+fi
+if [ "$what" = diag ]; then
+    cold=$(mktemp -d)  # batch 1 with this commit's code, its warm-up from empty compile caches
+    TORCHINDUCTOR_CACHE_DIR=$cold/inductor TRITON_CACHE_DIR=$cold/triton timeout 110 python3 scripts/gpu_variants.py engine base > "$out/engine-base.log" 2>&1
+    timeout 150 python3 scripts/gpu_variants.py micro > "$out/micro.log" 2>&1
+    timeout 100 python3 scripts/gpu_determinism.py > "$out/determinism.log" 2>&1
+    timeout 100 python3 scripts/gpu_variants.py engine nopdl > "$out/engine-nopdl.log" 2>&1
 fi
