@@ -213,7 +213,8 @@ class Engine:
                 torch._inductor.config.coordinate_descent_tuning = True
                 # Programmatic dependent launch (Hopper and later): each kernel is launched while the one before it
                 # finishes, which hides most of the gap between the ~340 kernels of a batch-1 step (+15 % there).
-                torch._inductor.config.triton.enable_pdl = True
+                if hasattr(torch._inductor.config.triton, "enable_pdl"):  # a setting of recent PyTorch releases
+                    torch._inductor.config.triton.enable_pdl = True
                 # The mask and rotary angles: a few kernels instead of about twenty. One graph for every shape and
                 # without tuning: compiled per shape and tuned, they added 28 s to a cold warm-up, this adds 5 s
                 # (scripts/gpu_warmup.py). Eager on CPU, where they are a small part of a step.
