@@ -27,8 +27,8 @@ fi
 if [ "$what" = more ] || [ "$what" = all ]; then
     bench bench-ttft1024 90 --prompt-tokens 1024 --new-tokens 16 --batch 1 --reps 5 --engines transformers,qwen3gen-compiled
     bench bench-int8 150 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --quantize int8 --engines transformers,qwen3gen-compiled
-    timeout 70 python3 scripts/gpu_profile.py 1 > "$out/profile.log" 2>&1
-    timeout 60 python3 scripts/gpu_profile.py 64 > "$out/profile64.log" 2>&1
+    timeout 70 python3 scripts/gpu_variants.py engine base 1 > "$out/profile.log" 2>&1
+    timeout 80 python3 scripts/gpu_variants.py engine base 64 > "$out/profile64.log" 2>&1
     timeout 40 python3 scripts/gpu_attention.py > "$out/attention.log" 2>&1
     timeout 150 python3 scripts/gpu_overlap.py "$1" > "$out/overlap.log" 2>&1
 fi

@@ -1,7 +1,8 @@
-"""Batch-1 decode under different inductor settings, and matrix-vector products alone, on the GPU.
+"""The compiled decode step under different inductor settings, with its kernels per step; matrix-vector products alone.
 
 Usage (on the GPU machine): python3 scripts/gpu_variants.py micro
-                            python3 scripts/gpu_variants.py engine VARIANT [DEVICE]   (base, or settings joined by +: nocdt, nopdl)
+                            python3 scripts/gpu_variants.py engine VARIANT [BATCH] [DEVICE]
+VARIANT is base (the engine as it is), or settings joined by +: nocdt, nopdl. DEVICE cpu is a 2-layer dry run.
 Each engine variant runs in its own process: inductor's settings are global.
 """
 
@@ -66,8 +67,8 @@ def micro() -> None:
             report(f"compiled norm+linear, cdt={cdt}", torch.compile(lambda x, w: F.linear(norm(x), w), fullgraph=True, dynamic=False))
 
 
-def engine(variant: str, batch: int = 1) -> None:
-    device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cuda")
+def engine(variant: str, batch_size: str = "1", device_name: str = "cuda") -> None:
+    batch, device = int(batch_size), torch.device(device_name)
     parts = set(variant.split("+"))
     model = random_model(preset("0.6B") if device.type == "cuda" else preset("0.6B").replace(num_hidden_layers=2), device, torch.bfloat16)
     engine = Engine(model, compile=True)
@@ -100,4 +101,4 @@ def engine(variant: str, batch: int = 1) -> None:
 
 
 if __name__ == "__main__":
-    {"micro": micro, "engine": engine}[sys.argv[1]](*sys.argv[2:3])
+    {"micro": micro, "engine": engine}[sys.argv[1]](*sys.argv[2:])
