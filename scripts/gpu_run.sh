@@ -6,7 +6,7 @@
 # Each step has its own time limit and log file, so a slow step cannot take the others' results with it;
 # the bench prints each row as soon as it is measured. "check" (CUDA checks, batch-1 and batch-64 benches) and "more"
 # (1,024-token TTFT, int8, profiles, attention alone, the Python API at batch 64) each fit one 10-minute call, and so
-# does "diag" (matrix-vector products alone, run-to-run at batch 64, batch 1 without dependent launch, cold warm-up).
+# does "diag" (batch 1 from a cold compile cache, matrix-vector products alone, batch-1 variants).
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 out="$2"
@@ -35,7 +35,8 @@ fi
 if [ "$what" = diag ]; then
     cold=$(mktemp -d)  # batch 1 with this commit's code, its warm-up from empty compile caches
     TORCHINDUCTOR_CACHE_DIR=$cold/inductor TRITON_CACHE_DIR=$cold/triton timeout 110 python3 scripts/gpu_variants.py engine base > "$out/engine-base.log" 2>&1
-    timeout 150 python3 scripts/gpu_variants.py micro > "$out/micro.log" 2>&1
-    timeout 100 python3 scripts/gpu_determinism.py > "$out/determinism.log" 2>&1
-    timeout 100 python3 scripts/gpu_variants.py engine nopdl > "$out/engine-nopdl.log" 2>&1
+    timeout 130 python3 scripts/gpu_variants.py micro > "$out/micro.log" 2>&1
+    for variant in base+prefetch base+combo base+prefetch+combo; do
+        timeout 90 python3 scripts/gpu_variants.py engine $variant > "$out/engine-$variant.log" 2>&1
+    done
 fi
