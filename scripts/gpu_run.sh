@@ -34,9 +34,13 @@ if [ "$what" = more ] || [ "$what" = all ]; then
 fi
 if [ "$what" = diag ]; then
     cold=$(mktemp -d)  # batch 1 with this commit's code, its warm-up from empty compile caches
-    TORCHINDUCTOR_CACHE_DIR=$cold/inductor TRITON_CACHE_DIR=$cold/triton timeout 110 python3 scripts/gpu_variants.py engine base > "$out/engine-base.log" 2>&1
-    timeout 130 python3 scripts/gpu_variants.py micro > "$out/micro.log" 2>&1
-    for variant in base+prefetch base+combo base+prefetch+combo; do
-        timeout 90 python3 scripts/gpu_variants.py engine $variant > "$out/engine-$variant.log" 2>&1
+    export TORCHINDUCTOR_CACHE_DIR=$cold/inductor TRITON_CACHE_DIR=$cold/triton
+    timeout 110 python3 scripts/gpu_variants.py engine base > "$out/engine-base.log" 2>&1
+    for variant in prefetchsplit prefetchnext; do  # the same compile cache, so the same tuned kernels
+        timeout 70 python3 scripts/gpu_variants.py engine base+$variant > "$out/engine-$variant.log" 2>&1
     done
+    timeout 60 python3 scripts/gpu_variants.py micro down > "$out/micro-down.log" 2>&1
+    cold=$(mktemp -d)  # wider tuning, from empty caches: its own kernels and its own warm-up
+    export TORCHINDUCTOR_CACHE_DIR=$cold/inductor TRITON_CACHE_DIR=$cold/triton
+    timeout 150 python3 scripts/gpu_variants.py engine base+cdtwide > "$out/engine-cdtwide.log" 2>&1
 fi

@@ -1,9 +1,10 @@
 """The compiled decode step under different inductor settings, with its kernels per step; matrix-vector products alone.
 
-Usage (on the GPU machine): python3 scripts/gpu_variants.py micro
+Usage (on the GPU machine): python3 scripts/gpu_variants.py micro [down]
                             python3 scripts/gpu_variants.py engine VARIANT [BATCH] [DEVICE]
 VARIANT is base (the engine as it is), or settings joined by +: nocdt, nopdl, combo (inductor's combo kernels),
-prefetch (weights read into the L2 cache on a side stream ahead of the layer that uses them). DEVICE cpu is a 2-layer dry run.
+prefetchsplit, prefetchnext (weights read into the L2 cache on a side stream ahead of the layer that uses them),
+cdtwide (coordinate-descent tuning in every direction, radius 2). DEVICE cpu is a 2-layer dry run.
 Each engine variant runs in its own process: inductor's settings are global.
 """
 
@@ -44,20 +45,33 @@ def graph_time(fn, *args, reps: int = 200) -> float:
     return start.elapsed_time(end) * 1e3 / reps
 
 
-def micro() -> None:
+def micro(only: str = "") -> None:
     """Each product as its own kernel, 28 weights of each shape in turn (as in the model: no weight stays in the
     60 MB L2 cache). Each compiled function takes one weight, so inductor cannot fuse the 28 products into one
-    kernel, which the first version of this script allowed (all 28 shared one input)."""
+    kernel, which the first version of this script allowed (all 28 shared one input).
+    `micro down`: only the down product, with the SwiGLU product of gate and up fused in front of it or not."""
     device = torch.device("cuda")
     for name, (n, k) in SHAPES.items():
+        if only and name != only:
+            continue
         weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(28)]
         x = torch.randn(1, 1, k, device=device, dtype=torch.bfloat16)
         norm = RMSNorm(k, 1e-6).to(device, torch.bfloat16)
 
-        def report(label: str, product) -> None:
+        def report(label: str, product, x=x) -> None:
             us = graph_time(lambda x: [product(x, w) for w in weights], x, reps=10) / 28
             print(f"{name:8s} {n}x{k}: {label:32s} {us:6.2f} us  {n * k * 2 / 1e6 / us:5.2f} TB/s", flush=True)
 
+        if name == "down":
+            torch._inductor.config.coordinate_descent_tuning = True
+            gate_up = torch.randn(1, 1, 2 * k, device=device, dtype=torch.bfloat16)
+            swiglu = torch.compile(lambda h, w: F.linear(F.silu(h[..., :k]) * h[..., k:], w), fullgraph=True, dynamic=False)
+            report("compiled SwiGLU+linear (fused)", swiglu, gate_up)
+            plain = torch.compile(lambda x, w: F.linear(x, w), fullgraph=True, dynamic=False)
+            product = torch.compile(lambda h: F.silu(h[..., :k]) * h[..., k:], fullgraph=True, dynamic=False)
+            report("SwiGLU kernel, then linear kernel", lambda h, w: plain(product(h), w), gate_up)
+            if only:
+                continue
         report("cuBLAS F.linear", F.linear)
         report("cuBLAS norm+F.linear (eager)", lambda x, w: F.linear(norm(x), w))
         for cdt in (True, False):
@@ -68,35 +82,33 @@ def micro() -> None:
             report(f"compiled norm+linear, cdt={cdt}", torch.compile(lambda x, w: F.linear(norm(x), w), fullgraph=True, dynamic=False))
 
 
-class L2Prefetch(torch.nn.Module):
-    """A layer that first queues, on a side stream, reads of weights that later products will use: the side stream
-    streams them from memory into the L2 cache while this layer's small kernels leave memory bandwidth idle."""
-
-    def __init__(self, layer: torch.nn.Module, ahead: list[torch.Tensor], side: torch.cuda.Stream, last: bool) -> None:
-        super().__init__()
-        self.layer, self.ahead, self.side, self.last = layer, ahead, side, last
-
-    def forward(self, *args):
-        main = torch.cuda.current_stream()
-        self.side.wait_stream(main)
-        with torch.cuda.stream(self.side):
-            for weight in self.ahead:
-                weight.sum()
-        out = self.layer(*args)
-        if self.last:
-            main.wait_stream(self.side)
-        return out
-
-
-def add_prefetch(model) -> None:
-    """At layer i: this layer's MLP weights, then layer i+1's attention weights (about 44 MB live in L2 at once)."""
+def add_prefetch(model, scheme: str) -> None:
+    """Before each layer, queue on a side stream reads of weights that later products use: the side stream brings
+    them from memory into the L2 cache while the layer's small kernels leave memory bandwidth idle.
+    scheme "split": at layer i, its MLP weights, then layer i+1's attention weights (about 44 MB live in L2 at once).
+    scheme "next": at layer i, all of layer i+1's weights."""
     side = torch.cuda.Stream()
     layers = list(model.layers)
     for i, layer in enumerate(layers):
-        ahead = [layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight]
+        ahead = [layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight] if scheme == "split" else []
         if i + 1 < len(layers):
-            ahead += [layers[i + 1].self_attn.qkv_proj.weight, layers[i + 1].self_attn.o_proj.weight]
-        model.layers[i] = L2Prefetch(layer, ahead, side, last=i + 1 == len(layers))
+            nxt = layers[i + 1]
+            ahead += [nxt.self_attn.qkv_proj.weight, nxt.self_attn.o_proj.weight]
+            if scheme == "next":
+                ahead += [nxt.mlp.gate_up_proj.weight, nxt.mlp.down_proj.weight]
+
+        def call(*args, _inner=layer._compiled_call_impl, _ahead=ahead, _last=i + 1 == len(layers), **kwargs):
+            main = torch.cuda.current_stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                for weight in _ahead:
+                    weight.sum()
+            out = _inner(*args, **kwargs)
+            if _last:
+                main.wait_stream(side)
+            return out
+
+        layer._compiled_call_impl = call
 
 
 def engine(variant: str, batch_size: str = "1", device_name: str = "cuda") -> None:
@@ -111,8 +123,12 @@ def engine(variant: str, batch_size: str = "1", device_name: str = "cuda") -> No
         config.triton.enable_pdl = False
     if "combo" in parts:
         config.combo_kernels = True
-    if "prefetch" in parts and device.type == "cuda":
-        add_prefetch(model)
+    if "cdtwide" in parts:
+        config.coordinate_descent_check_all_directions = True
+        config.coordinate_descent_search_radius = 2
+    for scheme in ("split", "next"):
+        if f"prefetch{scheme}" in parts and device.type == "cuda":
+            add_prefetch(model, scheme)
     start = time.perf_counter()
     engine.warmup(batch, 32, 256)
     print(f"{variant}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
