@@ -64,19 +64,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache(nn.Module):
-    """Keys and values of one layer, pre-allocated for the whole request and written in place.
-
-    Both live in one buffer [2, batch, kv_heads, slots, head_dim], so a step writes them with one kernel.
-    """
+    """Keys and values of one layer, pre-allocated for the whole request and written in place."""
 
     def __init__(self, batch_size: int, length: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        shape = (2, batch_size, kv_heads, length, head_dim)
-        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch_size, kv_heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.kv[:, :, :, slots] = torch.stack((k, v))
-        return self.kv[0], self.kv[1]
+        self.k[:, :, slots] = k
+        self.v[:, :, slots] = v
+        return self.k, self.v
 
 
 def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, fold: bool) -> torch.Tensor:
@@ -220,7 +219,7 @@ class Qwen3(nn.Module):
     def cache_shape(self) -> tuple[int, int] | None:
         """(batch size, slots) of the current cache, or None."""
         cache = self.layers[0].self_attn.kv_cache
-        return None if cache is None else (cache.kv.shape[1], cache.kv.shape[3])
+        return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
 
     def forward(
         self,
@@ -246,7 +245,7 @@ class Qwen3(nn.Module):
         if slots is None:
             key_length = tokens
         elif key_length is None:
-            key_length = self.cache_shape[1]
+            key_length = self.layers[0].self_attn.kv_cache.k.shape[2]
         x = self.embed_tokens(input_ids)
         mask, rope = self.step_inputs(input_pos, pad, key_length, x.dtype)
         # The key axis grows as decoding advances: on CPU, compiled blocks take any length without recompiling.
