@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # On the lent H200 (its own torch and transformers; nothing installed): CUDA correctness, a decode profile, the benchmark tables.
-# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|diag|all]  (check runs the benches too)
+# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|diag|kernels|all]  (check runs the benches too)
 # The tokenizer files must travel with the tree: here, `mkdir .tok && cp ../shared/qwen3-tokenizer/*.json .tok/`,
 # `echo /.tok/ >> .git/info/exclude`, then name `.tok` in the device call's carry and pass `.tok $OUT`.
 # Each step has its own time limit and log file, so a slow step cannot take the others' results with it;
 # the bench prints each row as soon as it is measured. "check" (CUDA checks, batch-1 and batch-64 benches) and "more"
 # (1,024-token TTFT, int8, profiles, attention alone, the Python API at batch 64) each fit one 10-minute call, and so
-# does "diag" (batch 1 from a cold compile cache, matrix-vector products alone, batch-1 variants).
+# does "diag" (batch 1 from a cold compile cache, matrix-vector products alone, batch-1 variants); "kernels" takes 3 minutes.
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 out="$2"
@@ -31,6 +31,9 @@ if [ "$what" = more ] || [ "$what" = all ]; then
     timeout 80 python3 scripts/gpu_variants.py engine base 64 > "$out/profile64.log" 2>&1
     timeout 40 python3 scripts/gpu_attention.py > "$out/attention.log" 2>&1
     timeout 150 python3 scripts/gpu_overlap.py "$1" > "$out/overlap.log" 2>&1
+fi
+if [ "$what" = kernels ]; then  # a hand-written Triton matrix-vector kernel over a grid of settings, against inductor's
+    timeout 200 python3 scripts/gpu_variants.py triton > "$out/triton.log" 2>&1
 fi
 if [ "$what" = diag ]; then
     cold=$(mktemp -d)  # batch 1 with this commit's code, its warm-up from empty compile caches

@@ -1,6 +1,7 @@
 """The compiled decode step under different inductor settings, with its kernels per step; matrix-vector products alone.
 
 Usage (on the GPU machine): python3 scripts/gpu_variants.py micro [down]
+                            python3 scripts/gpu_variants.py triton
                             python3 scripts/gpu_variants.py engine VARIANT [BATCH] [DEVICE]
 VARIANT is base (the engine as it is), or settings joined by +: nocdt, nopdl, combo (inductor's combo kernels),
 prefetchsplit, prefetchnext (weights read into the L2 cache on a side stream ahead of the layer that uses them),
@@ -82,6 +83,62 @@ def micro(only: str = "") -> None:
             report(f"compiled norm+linear, cdt={cdt}", torch.compile(lambda x, w: F.linear(norm(x), w), fullgraph=True, dynamic=False))
 
 
+def micro_triton() -> None:
+    """A plain Triton matrix-vector kernel over a grid of launch settings, timed as `micro` times inductor's: how fast
+    can one kernel per product be, with the best settings found by an exhaustive search rather than inductor's
+    coordinate descent (whose picks vary from one cold compile to the next)?"""
+    import itertools
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv(w_ptr, x_ptr, y_ptr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVICT: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for start in tl.range(0, K, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            if EVICT:
+                w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptr + rows[:, None] * K + cols[None, :])
+            acc += w.to(tl.float32) * tl.load(x_ptr + cols).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(tl.bfloat16))
+
+    device = torch.device("cuda")
+    for name, (n, k) in SHAPES.items():
+        weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(28)]
+        x = torch.randn(k, device=device, dtype=torch.bfloat16)
+        y = torch.empty(n, device=device, dtype=torch.bfloat16)
+        torch._inductor.config.coordinate_descent_tuning = True
+        inductor = torch.compile(lambda x, w: F.linear(x, w), fullgraph=True, dynamic=False)
+        us = graph_time(lambda x: [inductor(x[None], w) for w in weights], x, reps=10) / 28
+        print(f"{name:8s} {n}x{k}: inductor, coordinate descent {us:6.2f} us  {n * k * 2 / 1e6 / us:5.2f} TB/s", flush=True)
+
+        def timed(block_n: int, block_k: int, warps: int, stages: int, evict: int) -> float | None:
+            def product(x, w):
+                gemv[(n // block_n,)](w, x, y, k, block_n, block_k, evict, num_warps=warps, num_stages=stages)
+
+            product(x, weights[0])
+            if not torch.allclose(y.float(), weights[0].float() @ x.float(), atol=2e-2, rtol=2e-2):
+                print(f"{name}: wrong result with {block_n, block_k, warps, stages, evict}", flush=True)
+                return None
+            return graph_time(lambda x: [product(x, w) for w in weights], x, reps=10) / 28
+
+        results = []
+        for setting in itertools.product((2, 4, 8, 16), (256, 512, 1024), (2, 4, 8), (1, 3), (0,)):
+            if setting[1] <= k and setting[0] * setting[1] <= 8192 and (us := timed(*setting)) is not None:
+                results.append((us, *setting))
+        results.sort()
+        best = results[0][1:5]
+        if (us := timed(*best, 1)) is not None:
+            results.append((us, *best, 1))
+            results.sort()
+        for us, *setting in results[:4]:
+            print(f"{name:8s} {n}x{k}: Triton (BLOCK_N, BLOCK_K, warps, stages, evict_first) {tuple(setting)} {us:6.2f} us  {n * k * 2 / 1e6 / us:5.2f} TB/s", flush=True)
+        print(f"{name:8s} {n}x{k}: {len(results)} settings, median {results[len(results) // 2][0]:.2f} us", flush=True)
+
+
 def add_prefetch(model, scheme: str) -> None:
     """Before each layer, queue on a side stream reads of weights that later products use: the side stream brings
     them from memory into the L2 cache while the layer's small kernels leave memory bandwidth idle.
@@ -153,4 +210,4 @@ def engine(variant: str, batch_size: str = "1", device_name: str = "cuda") -> No
 
 
 if __name__ == "__main__":
-    {"micro": micro, "engine": engine}[sys.argv[1]](*sys.argv[2:])
+    {"micro": micro, "triton": micro_triton, "engine": engine}[sys.argv[1]](*sys.argv[2:])
