@@ -37,7 +37,7 @@ class BenchRow:
     bandwidth_share: float  # of the copy bandwidth measured in this run
     peak_memory_mib: float
     warmup_s: float  # the first (excluded) run, compilation included
-    same_tokens: int | None  # leading greedy tokens identical to qwen3gen eager (of the first 32)
+    same_tokens: int | None  # leading greedy tokens identical to the first engine's (of the first 32)
 
 
 def synchronize(device: torch.device) -> None:
