@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent H200 (its own torch and transformers; nothing installed): CUDA correctness, a decode profile, the benchmark tables.
-# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|diag|kernels|all]  (check runs the benches too)
+# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|diag|kernels|fusion|all]  (check runs the benches too)
 # The tokenizer files must travel with the tree: here, `mkdir .tok && cp ../shared/qwen3-tokenizer/*.json .tok/`,
 # `echo /.tok/ >> .git/info/exclude`, then name `.tok` in the device call's carry and pass `.tok $OUT`.
 # Each step has its own time limit and log file, so a slow step cannot take the others' results with it;
@@ -34,6 +34,12 @@ if [ "$what" = more ] || [ "$what" = all ]; then
 fi
 if [ "$what" = kernels ]; then  # a hand-written Triton matrix-vector kernel over a grid of settings, against inductor's
     timeout 200 python3 scripts/gpu_variants.py triton > "$out/triton.log" 2>&1
+fi
+if [ "$what" = fusion ]; then  # batch 1 from a cold cache, then with aggressive fusion on the same cache
+    cold=$(mktemp -d)
+    export TORCHINDUCTOR_CACHE_DIR=$cold/inductor TRITON_CACHE_DIR=$cold/triton
+    timeout 110 python3 scripts/gpu_variants.py engine base > "$out/engine-base.log" 2>&1
+    timeout 110 python3 scripts/gpu_variants.py engine base+aggressive > "$out/engine-aggressive.log" 2>&1
 fi
 if [ "$what" = diag ]; then
     cold=$(mktemp -d)  # batch 1 with this commit's code, its warm-up from empty compile caches

@@ -5,7 +5,8 @@ Usage (on the GPU machine): python3 scripts/gpu_variants.py micro [down]
                             python3 scripts/gpu_variants.py engine VARIANT [BATCH] [DEVICE]
 VARIANT is base (the engine as it is), or settings joined by +: nocdt, nopdl, combo (inductor's combo kernels),
 prefetchsplit, prefetchnext (weights read into the L2 cache on a side stream ahead of the layer that uses them),
-cdtwide (coordinate-descent tuning in every direction, radius 2). DEVICE cpu is a 2-layer dry run.
+cdtwide (coordinate-descent tuning in every direction, radius 2), aggressive (inductor fuses kernels that share no
+input). DEVICE cpu is a 2-layer dry run.
 Each engine variant runs in its own process: inductor's settings are global.
 """
 
@@ -180,6 +181,8 @@ def engine(variant: str, batch_size: str = "1", device_name: str = "cuda") -> No
         config.triton.enable_pdl = False
     if "combo" in parts:
         config.combo_kernels = True
+    if "aggressive" in parts:
+        config.aggressive_fusion = True
     if "cdtwide" in parts:
         config.coordinate_descent_check_all_directions = True
         config.coordinate_descent_search_radius = 2
