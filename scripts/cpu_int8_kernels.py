@@ -1,4 +1,4 @@
-"""Matrix-vector read speed of the int8 paths PyTorch offers on this CPU, against bf16 `F.linear`.
+"""Matrix-vector read speed of the int8 paths PyTorch offers on this CPU, against bf16 `F.linear` and an inductor-generated bf16 reduction.
 
 40 distinct 6144x1024 matrices, read once each in turn, so the CPU cache does not hold them. Usage: python scripts/cpu_int8_kernels.py
 """
@@ -31,6 +31,7 @@ def main() -> None:
     scales = [torch.rand(ROWS, dtype=torch.bfloat16) * 0.01 for _ in range(MATRICES)]
     bf16 = [torch.randn(ROWS, COLS, dtype=torch.bfloat16) for _ in range(MATRICES // 2)]
     dequant = torch.compile(lambda x, w, s: F.linear(x, w.to(torch.bfloat16)) * s, mode="max-autotune-no-cudagraphs")
+    reduction = torch.compile(lambda x, w: (x.float() * w.float()).sum(-1).to(torch.bfloat16), fullgraph=True, dynamic=False)
     channel = torch.zeros(ROWS, dtype=torch.long)
     packed = [
         torch.ops.quantized.linear_prepack(torch.quantize_per_channel(w.float(), s.float(), channel, 0, torch.qint8), None)
@@ -41,6 +42,7 @@ def main() -> None:
         "compiled dequantize + F.linear, max-autotune": (lambda i: dequant(x, int8[i], scales[i]), int8, ROWS * COLS),
         "fbgemm quantized::linear_dynamic (int8 activations too)": (lambda i: torch.ops.quantized.linear_dynamic(x.float(), packed[i]), int8, ROWS * COLS),
         "bf16 F.linear": (lambda i: F.linear(x, bf16[i]), bf16, 2 * ROWS * COLS),
+        "bf16 compiled reduction (x * W).sum(-1)": (lambda i: reduction(x, bf16[i]), bf16, 2 * ROWS * COLS),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, (fn, weights, size) in rows.items():
