@@ -245,7 +245,7 @@ class Qwen3(nn.Module):
         if slots is None:
             key_length = tokens
         elif key_length is None:
-            key_length = self.layers[0].self_attn.kv_cache.k.shape[2]
+            key_length = self.cache_shape[1]
         x = self.embed_tokens(input_ids)
         mask, rope = self.step_inputs(input_pos, pad, key_length, x.dtype)
         # The key axis grows as decoding advances: on CPU, compiled blocks take any length without recompiling.

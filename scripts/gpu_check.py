@@ -15,6 +15,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from checkpoints import QWEN3_0_6B, hf_model, write_checkpoint  # noqa: E402
+from gpu_determinism import runs  # noqa: E402  (this script's own folder is on the path)
 
 import qwen3gen  # noqa: E402
 from qwen3gen.bench import random_model  # noqa: E402
@@ -107,9 +108,7 @@ def main(tokenizer_dir: Path, device: str = "cuda") -> int:
         print("    divergence at", gap)
 
     # Run to run at batch 64 (cuBLAS matrix products, many rows): the same request three times gives the same tokens.
-    batch = [torch.randint(0, 151643, (32,)).tolist() for _ in range(64)]
-    runs = [torch.cat(list(compiled.tokens(batch, 80, SamplingParams(), pad_id=0)), dim=1) for _ in range(3)]
-    differing = [int((run != runs[0]).any(dim=1).sum()) for run in runs[1:]]
+    differing = runs(compiled, [torch.randint(0, 151643, (32,)).tolist() for _ in range(64)], new_tokens=80)
     check("batch 64, bf16: three runs of one request give the same greedy tokens", differing == [0, 0], f"rows differing from the first run: {differing}")
 
     print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all CUDA checks passed", flush=True)

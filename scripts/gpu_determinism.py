@@ -22,9 +22,9 @@ def same_every_time(fn, reps: int = 20) -> bool:
     return all(torch.equal(first, fn()) for _ in range(reps))
 
 
-def runs(engine: Engine, prompts: list[list[int]], n: int = 3) -> list[int]:
-    """Rows whose tokens differ from the first run's, for each later run."""
-    out = [torch.cat(list(engine.tokens(prompts, 48, SamplingParams(), pad_id=0)), dim=1) for _ in range(n)]
+def runs(engine: Engine, prompts: list[list[int]], new_tokens: int = 48, n: int = 3) -> list[int]:
+    """Rows whose greedy tokens differ from the first run's, for each later run."""
+    out = [torch.cat(list(engine.tokens(prompts, new_tokens, SamplingParams(), pad_id=0)), dim=1) for _ in range(n)]
     return [int((o != out[0]).any(dim=1).sum()) for o in out[1:]]
 
 

@@ -47,6 +47,11 @@ def graph_time(fn, *args, reps: int = 200) -> float:
     return start.elapsed_time(end) * 1e3 / reps
 
 
+def show(name: str, n: int, k: int, label: str, us: float) -> None:
+    """One product's time per call and the weight bytes read per second."""
+    print(f"{name:8s} {n}x{k}: {label:32s} {us:6.2f} us  {n * k * 2 / 1e6 / us:5.2f} TB/s", flush=True)
+
+
 def micro(only: str = "") -> None:
     """Each product as its own kernel, 28 weights of each shape in turn (as in the model: no weight stays in the
     60 MB L2 cache). Each compiled function takes one weight, so inductor cannot fuse the 28 products into one
@@ -61,8 +66,7 @@ def micro(only: str = "") -> None:
         norm = RMSNorm(k, 1e-6).to(device, torch.bfloat16)
 
         def report(label: str, product, x=x) -> None:
-            us = graph_time(lambda x: [product(x, w) for w in weights], x, reps=10) / 28
-            print(f"{name:8s} {n}x{k}: {label:32s} {us:6.2f} us  {n * k * 2 / 1e6 / us:5.2f} TB/s", flush=True)
+            show(name, n, k, label, graph_time(lambda x: [product(x, w) for w in weights], x, reps=10) / 28)
 
         if name == "down":
             torch._inductor.config.coordinate_descent_tuning = True
@@ -113,8 +117,7 @@ def micro_triton() -> None:
         y = torch.empty(n, device=device, dtype=torch.bfloat16)
         torch._inductor.config.coordinate_descent_tuning = True
         inductor = torch.compile(lambda x, w: F.linear(x, w), fullgraph=True, dynamic=False)
-        us = graph_time(lambda x: [inductor(x[None], w) for w in weights], x, reps=10) / 28
-        print(f"{name:8s} {n}x{k}: inductor, coordinate descent {us:6.2f} us  {n * k * 2 / 1e6 / us:5.2f} TB/s", flush=True)
+        show(name, n, k, "inductor, coordinate descent", graph_time(lambda x: [inductor(x[None], w) for w in weights], x, reps=10) / 28)
 
         def timed(block_n: int, block_k: int, warps: int, stages: int, evict: int) -> float | None:
             def product(x, w):
@@ -135,8 +138,8 @@ def micro_triton() -> None:
         if (us := timed(*best, 1)) is not None:
             results.append((us, *best, 1))
             results.sort()
-        for us, *setting in results[:4]:
-            print(f"{name:8s} {n}x{k}: Triton (BLOCK_N, BLOCK_K, warps, stages, evict_first) {tuple(setting)} {us:6.2f} us  {n * k * 2 / 1e6 / us:5.2f} TB/s", flush=True)
+        for us, *setting in results[:4]:  # setting: BLOCK_N, BLOCK_K, warps, stages, evict_first
+            show(name, n, k, f"Triton {tuple(setting)}", us)
         print(f"{name:8s} {n}x{k}: {len(results)} settings, median {results[len(results) // 2][0]:.2f} us", flush=True)
 
 
