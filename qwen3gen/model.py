@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import Qwen3Config
 
 
@@ -110,7 +111,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        heads = self.qkv_proj(x).view(batch, tokens, -1, self.head_dim).transpose(1, 2)  # query, key, value heads
+        qkv = self.qkv_proj(x)
+        if slots is not None and tokens == 1 and kernels.available(x.device):
+            return self.o_proj(self.fused_decode_attention(qkv, rope, mask, slots))
+        heads = qkv.view(batch, tokens, -1, self.head_dim).transpose(1, 2)  # query, key, value heads
         qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=1)
         # Query and key heads are normed and rotated as one tensor: compiled, one kernel where there would be four.
         q, k = apply_rotary(self.qk_norm(qk), *rope).split([self.n_heads, self.n_kv_heads], dim=1)
@@ -118,6 +122,16 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(slots, k, v)
         out = grouped_query_attention(q, k, v, mask, fold=x.device.type == "cpu")
         return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+    def fused_decode_attention(
+        self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """The lines from qk_norm to attention above, for one new token, as one kernel (kernels.py)."""
+        qk_norm = not isinstance(self.q_norm, nn.Identity)
+        q_weight, k_weight = (self.q_norm.weight, self.k_norm.weight) if qk_norm else (qkv, qkv)  # unused without norms
+        eps = self.q_norm.eps if qk_norm else 0.0
+        cache = self.kv_cache
+        return kernels.decode_attention(qkv, q_weight, k_weight, *rope, slots, mask, cache.k, cache.v, self.n_heads, eps, qk_norm)
 
     def qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
         """q_norm on the query heads and k_norm on the key heads of qk [batch, n_heads + n_kv_heads, tokens, head_dim]."""

@@ -1,29 +1,27 @@
-"""Decode attention alone, Qwen3-0.6B heads, bf16: microseconds per layer by batch, slots read, and layout.
+"""Decode attention of one layer, Qwen3-0.6B heads, bf16: the fused kernel (qwen3gen/kernels.py) against the
+model's own lines, compiled, by batch and slots read; then the kernel's launch settings.
 
-Each case is 28 calls recorded as one CUDA graph (as the decode step runs them) and replayed; the cache has
-more slots than are read, as in the engine. Usage (on the GPU machine): python3 scripts/gpu_attention.py
+Each case is 28 layers (28 distinct modules, so their weights do not sit in the L2 cache), recorded as one CUDA
+graph and replayed. Usage (on the GPU machine): python3 scripts/gpu_attention.py
 """
 
 from __future__ import annotations
 
 import torch
 
-from qwen3gen.model import attention_mask, grouped_query_attention
+from qwen3gen import kernels, preset
+from qwen3gen.model import Attention, KVCache, attention_mask, rotary_angles
+
+LAYERS = 28
 
 
-def per_layer_us(batch: int, key_length: int, fold: bool, slots: int = 384, layers: int = 28) -> float:
-    device = torch.device("cuda")
-    q = torch.randn(batch, 16, 1, 128, device=device, dtype=torch.bfloat16)
-    k = torch.randn(batch, 8, slots, 128, device=device, dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    pad = torch.zeros(batch, dtype=torch.long, device=device)
-    mask = attention_mask(torch.tensor([key_length - 1], device=device), key_length, pad, torch.bfloat16)
+def graph_us(fn) -> float:
+    """Microseconds per layer of fn (which runs all LAYERS layers), replayed from one CUDA graph."""
     for _ in range(3):
-        grouped_query_attention(q, k, v, mask, fold)
+        fn()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(layers):
-            grouped_query_attention(q, k, v, mask, fold)
+        fn()
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -31,16 +29,65 @@ def per_layer_us(batch: int, key_length: int, fold: bool, slots: int = 384, laye
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / 20 / layers
+    return start.elapsed_time(end) * 1e3 / 20 / LAYERS
+
+
+def setup(batch: int, key_length: int):
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    cfg = preset("0.6B")
+    layers = []
+    for _ in range(LAYERS):
+        attn = Attention(cfg).to(device, dtype).requires_grad_(False)
+        attn.kv_cache = KVCache(batch, key_length + 64, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+        attn.kv_cache.k.normal_()
+        attn.kv_cache.v.normal_()
+        layers.append(attn)
+    slots = torch.tensor([key_length - 1], device=device)
+    pad = torch.zeros(batch, dtype=torch.long, device=device)
+    rope = rotary_angles(slots[None, :].expand(batch, 1), cfg.head_dim, cfg.rope_theta, dtype)
+    mask = attention_mask(slots, key_length, pad, dtype)
+    x = torch.randn(batch, 1, cfg.hidden_size, device=device, dtype=dtype)
+    return layers, x, rope, mask, slots
 
 
 def main() -> None:
-    print("| batch | slots read | enable_gqa us | folded us |")
-    print("|---:|---:|---:|---:|")
+    print("Attention layer (q/k/v product to o_proj), compiled without tuning (cuBLAS products), us per layer:")
+    print("| batch | slots read | model lines | fused kernel | max |diff| |")
+    print("|---:|---:|---:|---:|---:|")
     for batch in (1, 64):
-        for key_length in (64, 128, 256, 320):
-            gqa, folded = per_layer_us(batch, key_length, False), per_layer_us(batch, key_length, True)
-            print(f"| {batch} | {key_length} | {gqa:.1f} | {folded:.1f} |", flush=True)
+        for key_length in (64, 320, 1024, 4096):
+            layers, x, rope, mask, slots = setup(batch, key_length)
+            times, outs = [], []
+            for fused in (False, True):
+                kernels.available = lambda device, fused=fused: fused
+                torch._dynamo.reset()
+                compiled = [torch.compile(a, fullgraph=True, dynamic=False) for a in layers]
+                with torch.no_grad():
+                    outs.append(compiled[0](x, rope, mask, slots))
+                    times.append(graph_us(lambda: [c(x, rope, mask, slots) for c in compiled]))
+            diff = (outs[0].float() - outs[1].float()).abs().max().item()
+            print(f"| {batch} | {key_length} | {times[0]:.2f} | {times[1]:.2f} | {diff:.3f} |", flush=True)
+
+    print("\nThe kernel alone, us per layer, by (slots per loop step, warps):")
+    settings = [(block, warps) for block in (16, 32, 64, 128) for warps in (1, 2, 4, 8)]
+    print("| batch | slots read | " + " | ".join(f"{b}/{w}" for b, w in settings) + " |")
+    for batch in (1, 64):
+        for key_length in (64, 320, 1024, 4096):
+            layers, x, rope, mask, slots = setup(batch, key_length)
+            qkv = [a.qkv_proj(x) for a in layers]
+            row = []
+            for block, warps in settings:
+                def run(block=block, warps=warps):
+                    for a, q in zip(layers, qkv):
+                        kernels.launch_decode_attention(
+                            q, a.q_norm.weight, a.k_norm.weight, *rope, slots, mask, a.kv_cache.k, a.kv_cache.v,
+                            a.n_heads, a.q_norm.eps, True, block=block, warps=warps,
+                        )  # fmt: skip
+                try:
+                    row.append(f"{graph_us(run):.2f}")
+                except Exception as error:  # a setting the compiler rejects (too many registers)
+                    row.append(type(error).__name__)
+            print(f"| {batch} | {key_length} | " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent H200 (its own torch and transformers; nothing installed): CUDA correctness, a decode profile, the benchmark tables.
-# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|diag|kernels|fusion|all]  (check runs the benches too)
+# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|diag|kernels|fusion|fused|all]  (check runs the benches too)
 # The tokenizer files must travel with the tree: here, `mkdir .tok && cp ../shared/qwen3-tokenizer/*.json .tok/`,
 # `echo /.tok/ >> .git/info/exclude`, then name `.tok` in the device call's carry and pass `.tok $OUT`.
 # Each step has its own time limit and log file, so a slow step cannot take the others' results with it;
@@ -31,6 +31,14 @@ if [ "$what" = more ] || [ "$what" = all ]; then
     timeout 80 python3 scripts/gpu_variants.py engine base 64 > "$out/profile64.log" 2>&1
     timeout 40 python3 scripts/gpu_attention.py > "$out/attention.log" 2>&1
     timeout 150 python3 scripts/gpu_overlap.py "$1" > "$out/overlap.log" 2>&1
+fi
+if [ "$what" = fused ]; then  # the fused decode-attention kernel: alone, in the engine from a cold cache, then the checks
+    timeout 200 python3 scripts/gpu_attention.py > "$out/attention.log" 2>&1
+    cold=$(mktemp -d)
+    export TORCHINDUCTOR_CACHE_DIR=$cold/inductor TRITON_CACHE_DIR=$cold/triton
+    timeout 110 python3 scripts/gpu_variants.py engine base > "$out/engine-base.log" 2>&1
+    timeout 90 python3 scripts/gpu_variants.py engine base+nofused > "$out/engine-nofused.log" 2>&1
+    timeout 180 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
 fi
 if [ "$what" = kernels ]; then  # a hand-written Triton matrix-vector kernel over a grid of settings, against inductor's
     timeout 200 python3 scripts/gpu_variants.py triton > "$out/triton.log" 2>&1

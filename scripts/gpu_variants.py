@@ -3,7 +3,8 @@
 Usage (on the GPU machine): python3 scripts/gpu_variants.py micro [down]
                             python3 scripts/gpu_variants.py triton
                             python3 scripts/gpu_variants.py engine VARIANT [BATCH] [DEVICE]
-VARIANT is base (the engine as it is), or settings joined by +: nocdt, nopdl, combo (inductor's combo kernels),
+VARIANT is base (the engine as it is), or settings joined by +: nofused (the model's own attention lines instead of
+the fused decode-attention kernel), nocdt, nopdl, combo (inductor's combo kernels),
 prefetchsplit, prefetchnext (weights read into the L2 cache on a side stream ahead of the layer that uses them),
 cdtwide (coordinate-descent tuning in every direction, radius 2), aggressive (inductor fuses kernels that share no
 input). DEVICE cpu is a 2-layer dry run.
@@ -19,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qwen3gen import preset
+from qwen3gen import kernels, preset
 from qwen3gen.bench import random_model
 from qwen3gen.generate import Engine
 from qwen3gen.model import RMSNorm
@@ -178,6 +179,8 @@ def engine(variant: str, batch_size: str = "1", device_name: str = "cuda") -> No
     model = random_model(preset("0.6B") if device.type == "cuda" else preset("0.6B").replace(num_hidden_layers=2), device, torch.bfloat16)
     engine = Engine(model, compile=True)
     config = torch._inductor.config
+    if "nofused" in parts:
+        kernels.available = lambda device: False
     if "nocdt" in parts:
         config.coordinate_descent_tuning = False
     if "nopdl" in parts:
