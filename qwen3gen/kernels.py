@@ -32,7 +32,7 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _norm_rotate(first, second, weight_ptr, cos, sin, eps, dtype, HALF: tl.constexpr, QK_NORM: tl.constexpr):
+    def _norm_rotate(first, second, weight_ptr, cos, sin, eps, dtype: tl.constexpr, HALF: tl.constexpr, QK_NORM: tl.constexpr):
         """RMSNorm (statistics in float32, cast, times the weight) then rotation of heads given as two halves
         [rows, HALF] in float32; returns the rotated halves rounded to the activations' dtype."""
         if QK_NORM:
