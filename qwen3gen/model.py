@@ -163,8 +163,29 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+        if slots is not None and x.shape[0] * x.shape[1] == 1 and kernels.available(x.device):
+            return self.decode_one_token(x, rope, mask, slots)
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode_one_token(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """forward for one token of one row, on CUDA, as five kernels (kernels.py): each norm inside the product
+        after it, SwiGLU inside the down product, each residual add inside the product before it."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv = fused_linear(x, attn.qkv_proj, norm=self.input_layernorm)
+        x = fused_linear(attn.fused_decode_attention(qkv, rope, mask, slots), attn.o_proj, residual=x)
+        gate_up = fused_linear(x, mlp.gate_up_proj, norm=self.post_attention_layernorm)
+        return fused_linear(gate_up, mlp.down_proj, residual=x, swiglu=True)
+
+
+def fused_linear(
+    x: torch.Tensor, layer: nn.Module, norm: RMSNorm | None = None, residual: torch.Tensor | None = None, swiglu: bool = False
+) -> torch.Tensor:
+    """residual + layer(input), input being x, norm(x) or silu(gate) * up of x = [gate, up], in one kernel; layer is
+    an nn.Linear or an int8 one (quantize.py: int8 weight, a scale per row)."""
+    scales = getattr(layer, "scales", None)
+    norm_weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+    return kernels.matvec(x, layer.weight, scales, layer.bias, norm_weight, eps, residual, swiglu)
 
 
 def attention_mask(query_slots: torch.Tensor, key_length: int, pad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
