@@ -1,16 +1,19 @@
-"""One hand-written Triton kernel for the CUDA decode step: attention of one new token, start to end.
+"""Hand-written Triton kernels for the CUDA decode step at batch 1, where the step is bound by kernel count.
 
-At batch 1 on a GPU a decode step is bound by kernel count, not bytes: torch.compile turns the lines of
-`Attention.forward` between the q/k/v product and o_proj into five kernels (q/k norm statistics, norm and
-rotation, two cache writes, cuDNN attention), each costing a microsecond or more of fixed time for a few
-kilobytes of work. This kernel does the same math in one launch, one program per (row, key/value head):
-RMSNorm the key head and its query heads, rotate them, write the new key and value to the cache, and attend
-over the row's cached slots before the new one plus the new one (online softmax), adding the row's
-attention mask as SDPA would.
+A decode step reads every weight once, but at batch 1 on a GPU each kernel also costs a microsecond or more of
+fixed time, and torch.compile makes about eleven kernels of each layer: norm statistics before each of the two
+first products, q/k norm statistics, norm and rotation, two cache writes, attention and four products. Here one
+layer is five:
+- `matvec`: a matrix-vector product with what surrounds it inside: the RMSNorm before it (its statistics summed
+  alongside the product, so no kernel of their own), SwiGLU before the down product, the residual add after
+  o_proj and down, int8 weights with a scale per row. It loads its first weights before waiting for the kernel
+  before it (programmatic dependent launch), as weights never change.
+- `new_token`: q/k norm, rotation and the cache writes of one new token, one program per key/value head.
+- attention stays SDPA (cuDNN): a hand-written loop over the cached slots (tried) was 3-6x slower at batch 1.
 
-`decode_attention` is a torch custom op (mutating the two cache buffers), so torch.compile and CUDA graphs
-treat it as one opaque kernel. The model calls it only on CUDA; the tests run the same kernel on CPU
-tensors through Triton's interpreter (TRITON_INTERPRET=1) and compare it with the model's PyTorch lines.
+Both are torch custom ops (new_token mutating the cache buffers), so torch.compile and CUDA graphs see one opaque
+call each. The model uses them only on CUDA; the tests run the same kernels on CPU tensors through Triton's
+interpreter (TRITON_INTERPRET=1) and compare them with the model's PyTorch lines.
 """
 
 from __future__ import annotations
@@ -113,13 +116,14 @@ if triton is not None:
         return rotated_first, rotated_second
 
     @triton.jit
-    def _decode_attention_kernel(
-        qkv_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, slot_ptr, mask_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-        qkv_row_stride, rope_row_stride, mask_row_stride, cache_row_stride, cache_head_stride, cache_slot_stride, out_row_stride,
-        eps, scale,
+    def _new_token_kernel(
+        qkv_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, q_ptr,
+        qkv_row_stride, rope_row_stride, cache_row_stride, cache_head_stride, cache_slot_stride, eps,
         HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HALF: tl.constexpr,
-        BLOCK: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
+        QK_NORM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        """One program per (row, key/value head): that key head and its query heads normed and rotated, the key
+        and value written to the cache slot, the query heads to q [batch, heads, 1, head_dim]."""
         if PDL:  # launched while the q/k/v product finishes; its output is read from here on
             tl.extra.cuda.gdc_wait()
         row = tl.program_id(0)
@@ -128,26 +132,17 @@ if triton is not None:
         dim = 2 * HALF
         slot = tl.load(slot_ptr)
         half = tl.arange(0, HALF)
-        full = tl.arange(0, 2 * HALF)
         cos = tl.load(cos_ptr + row * rope_row_stride + half).to(tl.float32)[None, :]
         sin = tl.load(sin_ptr + row * rope_row_stride + half).to(tl.float32)[None, :]
         qkv = qkv_ptr + row * qkv_row_stride
 
-        # The new key and value: normed, rotated, written to the cache slot.
         key = qkv + (HEADS + kv_head) * dim
         k_first, k_second = _norm_rotate(
             tl.load(key + half).to(tl.float32)[None, :], tl.load(key + HALF + half).to(tl.float32)[None, :],
             k_weight_ptr, cos, sin, eps, dtype, HALF, QK_NORM,
         )  # fmt: skip
-        value = tl.load(qkv + (HEADS + tl.num_programs(1) + kv_head) * dim + full)
-        cache_head = row * cache_row_stride + kv_head * cache_head_stride
-        k_slot = k_cache_ptr + cache_head + slot * cache_slot_stride
-        tl.store(k_slot + half[None, :], k_first.to(dtype))
-        tl.store(k_slot + HALF + half[None, :], k_second.to(dtype))
-        tl.store(v_cache_ptr + cache_head + slot * cache_slot_stride + full, value)
-
-        # The query heads that share this key/value head, as rows [GROUP_P2, ...] (rows past GROUP masked).
-        members = tl.arange(0, GROUP_P2)
+        value = tl.load(qkv + (HEADS + tl.num_programs(1) + kv_head) * dim + tl.arange(0, 2 * HALF))
+        members = tl.arange(0, GROUP_P2)  # the query heads that share this key/value head (rows past GROUP masked)
         real = members < GROUP
         query = qkv + (kv_head * GROUP + members)[:, None] * dim
         q_first, q_second = _norm_rotate(
@@ -155,93 +150,66 @@ if triton is not None:
             tl.load(query + HALF + half[None, :], mask=real[:, None], other=0.0).to(tl.float32),
             q_weight_ptr, cos, sin, eps, dtype, HALF, QK_NORM,
         )  # fmt: skip
-
-        # Online softmax, starting from the new key (the mask always lets a token see itself), then slots [0, slot).
-        best = tl.sum(q_first * k_first + q_second * k_second, axis=1) * scale  # [GROUP_P2]
-        total = tl.full([GROUP_P2], 1.0, tl.float32)
-        acc = tl.zeros([GROUP_P2, 2 * HALF], tl.float32) + value.to(tl.float32)[None, :]
-        offsets = tl.arange(0, BLOCK)
-        mask = mask_ptr + row * mask_row_stride
-        for start in range(0, slot, BLOCK):
-            slots = start + offsets
-            visible = slots < slot
-            keys = k_cache_ptr + cache_head + slots[:, None] * cache_slot_stride
-            keys_first = tl.load(keys + half[None, :], mask=visible[:, None], other=0.0).to(tl.float32)
-            keys_second = tl.load(keys + HALF + half[None, :], mask=visible[:, None], other=0.0).to(tl.float32)
-            scores = tl.sum(q_first[:, None, :] * keys_first[None, :, :], axis=2)
-            scores += tl.sum(q_second[:, None, :] * keys_second[None, :, :], axis=2)
-            scores = scores * scale + tl.load(mask + slots, mask=visible, other=float("-inf")).to(tl.float32)[None, :]
-            new_best = tl.maximum(best, tl.max(scores, axis=1))
-            weights = tl.exp(scores - new_best[:, None])
-            rescale = tl.exp(best - new_best)
-            values = v_cache_ptr + cache_head + slots[:, None] * cache_slot_stride + full[None, :]
-            values = tl.load(values, mask=visible[:, None], other=0.0).to(tl.float32)
-            acc = acc * rescale[:, None] + tl.sum(weights[:, :, None] * values[None, :, :], axis=1)
-            total = total * rescale + tl.sum(weights, axis=1)
-            best = new_best
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        out = out_ptr + row * out_row_stride + (kv_head * GROUP + members)[:, None] * dim + full[None, :]
-        tl.store(out, (acc / total[:, None]).to(dtype), mask=real[:, None])
+        cache_slot = row * cache_row_stride + kv_head * cache_head_stride + slot * cache_slot_stride
+        tl.store(k_cache_ptr + cache_slot + half[None, :], k_first.to(dtype))
+        tl.store(k_cache_ptr + cache_slot + HALF + half[None, :], k_second.to(dtype))
+        tl.store(v_cache_ptr + cache_slot + tl.arange(0, 2 * HALF), value)
+        q = q_ptr + (row * HEADS + kv_head * GROUP + members)[:, None] * dim + half[None, :]
+        tl.store(q, q_first.to(dtype), mask=real[:, None])
+        tl.store(q + HALF, q_second.to(dtype), mask=real[:, None])
 
 
-def launch_decode_attention(
+def launch_new_token(
     qkv: torch.Tensor,
     q_weight: torch.Tensor,
     k_weight: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     slot: torch.Tensor,
-    mask: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     heads: int,
     eps: float,
     qk_norm: bool,
-    block: int = 64,
-    warps: int = 4,
 ) -> torch.Tensor:
-    """Run the kernel (block: cached slots per loop step; warps per program): qkv [batch, 1, (heads + 2 kv_heads) * head_dim], cos/sin [batch, 1, 1, head_dim / 2],
-    slot [1] (the cache slot of the new token),
-    mask [batch, 1, 1, keys] (additive, as the model builds it), caches [batch, kv_heads, slots, head_dim].
-    Returns the attention output [batch, 1, heads * head_dim]; the caches hold the new key and value."""
+    """qkv [batch, 1, (heads + 2 kv_heads) * head_dim], cos/sin [batch, 1, 1, head_dim / 2], slot [1] (the cache slot
+    of the new token), caches [batch, kv_heads, slots, head_dim]. Writes the new key and value to the caches and
+    returns the query heads [batch, heads, 1, head_dim], normed (qk_norm) and rotated."""
     batch, kv_heads, _, dim = k_cache.shape
     group = heads // kv_heads
-    out = qkv.new_empty(batch, 1, heads * dim)
-    # Gathered the same way as cos/sin's broadcast in the model: one row per batch row.
-    cos, sin = cos.expand(batch, 1, 1, dim // 2), sin.expand(batch, 1, 1, dim // 2)
-    _decode_attention_kernel[(batch, kv_heads)](
-        qkv, q_weight, k_weight, cos, sin, slot, mask, k_cache, v_cache, out,
-        qkv.stride(0), cos.stride(0), mask.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        eps, dim**-0.5,
-        HEADS=heads, GROUP=group, GROUP_P2=triton.next_power_of_2(group), HALF=dim // 2,
-        BLOCK=block, QK_NORM=qk_norm, num_warps=warps, **dependent_launch(qkv.device),
+    q = qkv.new_empty(batch, heads, 1, dim)
+    _new_token_kernel[(batch, kv_heads)](
+        qkv, q_weight, k_weight, cos, sin, slot, k_cache, v_cache, q,
+        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), eps,
+        HEADS=heads, GROUP=group, GROUP_P2=triton.next_power_of_2(group), HALF=dim // 2, QK_NORM=qk_norm,
+        num_warps=4, **dependent_launch(qkv.device),
     )  # fmt: skip
-    return out
+    return q
 
 
-@torch.library.custom_op("qwen3gen::decode_attention", mutates_args=("k_cache", "v_cache"))
-def decode_attention(
+@torch.library.custom_op("qwen3gen::new_token", mutates_args=("k_cache", "v_cache"))
+def new_token(
     qkv: torch.Tensor,
     q_weight: torch.Tensor,
     k_weight: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     slot: torch.Tensor,
-    mask: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     heads: int,
     eps: float,
     qk_norm: bool,
 ) -> torch.Tensor:
-    """The kernel as an operator that torch.compile records as one call (see launch_decode_attention)."""
-    return launch_decode_attention(qkv, q_weight, k_weight, cos, sin, slot, mask, k_cache, v_cache, heads, eps, qk_norm)
+    """launch_new_token as an operator that torch.compile records as one call."""
+    return launch_new_token(qkv, q_weight, k_weight, cos, sin, slot, k_cache, v_cache, heads, eps, qk_norm)
 
 
-@decode_attention.register_fake
-def _(qkv, q_weight, k_weight, cos, sin, slot, mask, k_cache, v_cache, heads, eps, qk_norm):  # noqa: ANN001, ANN202
-    return qkv.new_empty(qkv.shape[0], 1, heads * k_cache.shape[-1])
+@new_token.register_fake
+def _(qkv, q_weight, k_weight, cos, sin, slot, k_cache, v_cache, heads, eps, qk_norm):  # noqa: ANN001, ANN202
+    return qkv.new_empty(qkv.shape[0], heads, 1, k_cache.shape[-1])
 
 
 def launch_matvec(

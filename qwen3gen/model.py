@@ -110,28 +110,31 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
-        batch, tokens, _ = x.shape
-        qkv = self.qkv_proj(x)
-        if slots is not None and tokens == 1 and kernels.available(x.device):
-            return self.o_proj(self.fused_decode_attention(qkv, rope, mask, slots))
-        heads = qkv.view(batch, tokens, -1, self.head_dim).transpose(1, 2)  # query, key, value heads
-        qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=1)
-        # Query and key heads are normed and rotated as one tensor: compiled, one kernel where there would be four.
-        q, k = apply_rotary(self.qk_norm(qk), *rope).split([self.n_heads, self.n_kv_heads], dim=1)
-        if slots is not None:
-            k, v = self.kv_cache.update(slots, k, v)
-        out = grouped_query_attention(q, k, v, mask, fold=x.device.type == "cpu")
-        return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+        return self.o_proj(self.attend(self.qkv_proj(x), rope, mask, slots))
 
-    def fused_decode_attention(
-        self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor
-    ) -> torch.Tensor:
-        """The lines from qk_norm to attention above, for one new token, as one kernel (kernels.py)."""
+    def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+        """Attention of the q/k/v projections [batch, tokens, (heads + 2 kv_heads) * head_dim]: [batch, tokens, heads * head_dim]."""
+        batch, tokens, _ = qkv.shape
+        if slots is not None and tokens == 1 and kernels.available(qkv.device):
+            q, (k, v) = self.new_token(qkv, rope, slots), (self.kv_cache.k, self.kv_cache.v)
+        else:
+            heads = qkv.view(batch, tokens, -1, self.head_dim).transpose(1, 2)  # query, key, value heads
+            qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=1)
+            # Query and key heads are normed and rotated as one tensor: compiled, one kernel where there would be four.
+            q, k = apply_rotary(self.qk_norm(qk), *rope).split([self.n_heads, self.n_kv_heads], dim=1)
+            if slots is not None:
+                k, v = self.kv_cache.update(slots, k, v)
+        out = grouped_query_attention(q, k, v, mask, fold=qkv.device.type == "cpu")
+        return out.transpose(1, 2).reshape(batch, tokens, -1)
+
+    def new_token(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
+        """The lines from qk_norm to the cache update above, for one new token, as one kernel (kernels.py):
+        returns the query heads; the cache holds the new key and value."""
         qk_norm = not isinstance(self.q_norm, nn.Identity)
         q_weight, k_weight = (self.q_norm.weight, self.k_norm.weight) if qk_norm else (qkv, qkv)  # unused without norms
         eps = self.q_norm.eps if qk_norm else 0.0
         cache = self.kv_cache
-        return kernels.decode_attention(qkv, q_weight, k_weight, *rope, slots, mask, cache.k, cache.v, self.n_heads, eps, qk_norm)
+        return kernels.new_token(qkv, q_weight, k_weight, *rope, slots, cache.k, cache.v, self.n_heads, eps, qk_norm)
 
     def qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
         """q_norm on the query heads and k_norm on the key heads of qk [batch, n_heads + n_kv_heads, tokens, head_dim]."""
@@ -170,10 +173,11 @@ class Block(nn.Module):
 
     def decode_one_token(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """forward for one token of one row, on CUDA, as five kernels (kernels.py): each norm inside the product
-        after it, SwiGLU inside the down product, each residual add inside the product before it."""
+        after it, SwiGLU inside the down product, each residual add inside the product before it; q/k norm,
+        rotation and cache writes in one kernel before attention."""
         attn, mlp = self.self_attn, self.mlp
         qkv = fused_linear(x, attn.qkv_proj, norm=self.input_layernorm)
-        x = fused_linear(attn.fused_decode_attention(qkv, rope, mask, slots), attn.o_proj, residual=x)
+        x = fused_linear(attn.attend(qkv, rope, mask, slots), attn.o_proj, residual=x)
         gate_up = fused_linear(x, mlp.gate_up_proj, norm=self.post_attention_layernorm)
         return fused_linear(gate_up, mlp.down_proj, residual=x, swiglu=True)
 

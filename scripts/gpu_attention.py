@@ -1,5 +1,5 @@
-"""Decode attention of one layer, Qwen3-0.6B heads, bf16: the fused kernel (qwen3gen/kernels.py) against the
-model's own lines, compiled, by batch and slots read; then the kernel's launch settings.
+"""Decode attention of one layer, Qwen3-0.6B heads, bf16: with the new_token kernel (qwen3gen/kernels.py: q/k norm,
+rotation, cache writes) against the model's own lines, compiled, by batch and slots read.
 
 Each case is 28 layers (28 distinct modules, so their weights do not sit in the L2 cache), recorded as one CUDA
 graph and replayed. Usage (on the GPU machine): python3 scripts/gpu_attention.py
@@ -52,10 +52,10 @@ def setup(batch: int, key_length: int):
 
 def main() -> None:
     print("Attention layer (q/k/v product to o_proj), compiled without tuning (cuBLAS products), us per layer:")
-    print("| batch | slots read | model lines | fused kernel | max |diff| |")
+    print("| batch | slots read | model lines | new_token kernel | max |diff| |")
     print("|---:|---:|---:|---:|---:|")
     for batch in (1, 64):
-        for key_length in (64, 320, 1024, 4096):
+        for key_length in (64, 320, 1024):
             layers, x, rope, mask, slots = setup(batch, key_length)
             times, outs = [], []
             for fused in (False, True):
@@ -68,26 +68,6 @@ def main() -> None:
             diff = (outs[0].float() - outs[1].float()).abs().max().item()
             print(f"| {batch} | {key_length} | {times[0]:.2f} | {times[1]:.2f} | {diff:.3f} |", flush=True)
 
-    print("\nThe kernel alone, us per layer, by (slots per loop step, warps):")
-    settings = [(block, warps) for block in (16, 32, 64, 128) for warps in (1, 2, 4, 8)]
-    print("| batch | slots read | " + " | ".join(f"{b}/{w}" for b, w in settings) + " |")
-    for batch in (1, 64):
-        for key_length in (64, 320, 1024, 4096):
-            layers, x, rope, mask, slots = setup(batch, key_length)
-            qkv = [a.qkv_proj(x) for a in layers]
-            row = []
-            for block, warps in settings:
-                def run(block=block, warps=warps):
-                    for a, q in zip(layers, qkv):
-                        kernels.launch_decode_attention(
-                            q, a.q_norm.weight, a.k_norm.weight, *rope, slots, mask, a.kv_cache.k, a.kv_cache.v,
-                            a.n_heads, a.q_norm.eps, True, block=block, warps=warps,
-                        )  # fmt: skip
-                try:
-                    row.append(f"{graph_us(run):.2f}")
-                except Exception as error:  # a setting the compiler rejects (too many registers)
-                    row.append(type(error).__name__)
-            print(f"| {batch} | {key_length} | " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":

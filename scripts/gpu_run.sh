@@ -33,12 +33,13 @@ if [ "$what" = more ] || [ "$what" = all ]; then
     timeout 150 python3 scripts/gpu_overlap.py "$1" > "$out/overlap.log" 2>&1
 fi
 if [ "$what" = fused ]; then  # the fused decode-attention kernel: alone, in the engine from a cold cache, then the checks
-    timeout 200 python3 scripts/gpu_attention.py > "$out/attention.log" 2>&1
     cold=$(mktemp -d)
     export TORCHINDUCTOR_CACHE_DIR=$cold/inductor TRITON_CACHE_DIR=$cold/triton
     timeout 110 python3 scripts/gpu_variants.py engine base > "$out/engine-base.log" 2>&1
-    timeout 90 python3 scripts/gpu_variants.py engine base+nofused > "$out/engine-nofused.log" 2>&1
-    timeout 180 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
+    timeout 150 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
+    timeout 80 python3 scripts/gpu_variants.py engine base+nofused > "$out/engine-nofused.log" 2>&1
+    timeout 80 python3 scripts/gpu_variants.py engine base+nomatvec > "$out/engine-nomatvec.log" 2>&1
+    timeout 100 python3 scripts/gpu_attention.py > "$out/attention.log" 2>&1
 fi
 if [ "$what" = kernels ]; then  # a hand-written Triton matrix-vector kernel over a grid of settings, against inductor's
     timeout 200 python3 scripts/gpu_variants.py triton > "$out/triton.log" 2>&1

@@ -3,8 +3,8 @@
 Usage (on the GPU machine): python3 scripts/gpu_variants.py micro [down]
                             python3 scripts/gpu_variants.py triton
                             python3 scripts/gpu_variants.py engine VARIANT [BATCH] [DEVICE]
-VARIANT is base (the engine as it is), or settings joined by +: nofused (the model's own attention lines instead of
-the fused decode-attention kernel), nocdt, nopdl, combo (inductor's combo kernels),
+VARIANT is base (the engine as it is), or settings joined by +: nofused (none of kernels.py's kernels), nomatvec
+(kernels.py's new_token kernel, but the blocks' own lines around it, compiled), nocdt, nopdl, combo (inductor's combo kernels),
 prefetchsplit, prefetchnext (weights read into the L2 cache on a side stream ahead of the layer that uses them),
 cdtwide (coordinate-descent tuning in every direction, radius 2), aggressive (inductor fuses kernels that share no
 input). DEVICE cpu is a 2-layer dry run.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from qwen3gen import kernels, preset
 from qwen3gen.bench import random_model
 from qwen3gen.generate import Engine
-from qwen3gen.model import RMSNorm
+from qwen3gen.model import Block, RMSNorm
 from qwen3gen.sampling import SamplingParams
 
 SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}
@@ -181,6 +181,12 @@ def engine(variant: str, batch_size: str = "1", device_name: str = "cuda") -> No
     config = torch._inductor.config
     if "nofused" in parts:
         kernels.available = lambda device: False
+    if "nomatvec" in parts:
+        def unfused(block, x, rope, mask, slots):
+            x = x + block.self_attn(block.input_layernorm(x), rope, mask, slots)
+            return x + block.mlp(block.post_attention_layernorm(x))
+
+        Block.decode_one_token = unfused
     if "nocdt" in parts:
         config.coordinate_descent_tuning = False
     if "nopdl" in parts:
@@ -209,6 +215,8 @@ def engine(variant: str, batch_size: str = "1", device_name: str = "cuda") -> No
     print(f"{variant}: decode {statistics.median(rates):.1f} tok/s (runs {[round(r) for r in rates]}); first tokens {torch.cat([first, *rest], 1)[0, :12].tolist()}", flush=True)
     if device.type != "cuda":
         return
+    if hasattr(kernels, "_matvec_tuned"):
+        print(f"{variant}: matvec settings chosen (N, K, norm, swiglu, ...): {kernels._matvec_tuned.cache}")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         list(engine.tokens(prompts, 65, SamplingParams(), pad_id=0))
     events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)

@@ -1,4 +1,4 @@
-"""The CUDA decode-attention kernel, run on CPU tensors through Triton's interpreter (conftest sets
+"""The CUDA decode kernels, run on CPU tensors through Triton's interpreter (conftest sets
 TRITON_INTERPRET=1), against the model's own PyTorch lines."""
 
 import pytest
@@ -36,10 +36,11 @@ def attention_step(cfg: qwen3gen.Qwen3Config, dtype: torch.dtype, fused: bool, m
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", ["qwen3", "qwen3-group5", "qwen2"])
-def test_fused_decode_attention_matches_the_model(shape, dtype, monkeypatch):
-    """Same output and same cache writes as qk_norm, apply_rotary, KVCache.update and SDPA: float32 to rounding,
-    bf16 to a few bf16 steps (the kernel rounds where the eager lines round, but sums in another order)."""
-    assert kernels.triton is not None, "the kernel tests need triton (pip install '.[test]')"
+def test_new_token_kernel_matches_the_model(shape, dtype, monkeypatch):
+    """Attention with the new_token kernel (q/k norm, rotation, cache writes) equals the model's lines: the same output
+    and cache, float32 to rounding, bf16 to a few bf16 steps (the kernel rounds where the eager lines round, but
+    computes the rotation in float32)."""
+    assert kernels.triton is not None, "the kernel tests need triton (pip install -e '.[test]')"
     cfg = qwen3gen.Qwen3Config(
         vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
         intermediate_size=64, max_position_embeddings=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
