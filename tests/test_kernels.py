@@ -124,10 +124,10 @@ def test_greedy_with_the_kernels_equals_transformers(tiny_llm, tiny_hf, monkeypa
     """The whole decode path as it runs on CUDA (kernels on), here on CPU tensors, one row and a batch of two."""
     monkeypatch.setattr(kernels, "available", lambda device: True)
     prompts = ["Explain large language models.", "Hi"]
-    ours = [r.token_ids for r in tiny_llm.generate(prompts, max_new_tokens=12, temperature=0.0, ignore_eos=True)]
-    single = tiny_llm.generate(prompts[0], max_new_tokens=12, temperature=0.0, ignore_eos=True).token_ids
+    ours = [r.token_ids for r in tiny_llm.generate(prompts, max_new_tokens=8, temperature=0.0, ignore_eos=True)]
+    single = tiny_llm.generate(prompts[0], max_new_tokens=8, temperature=0.0, ignore_eos=True).token_ids
     ids = torch.tensor([tiny_llm.tokenizer.encode(prompts[0])])
     with torch.no_grad():
-        expected = tiny_hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, ids.shape[1] :].tolist()
+        expected = tiny_hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)[0, ids.shape[1] :].tolist()
     assert single == expected
     assert ours[0] == expected
