@@ -9,7 +9,8 @@ layer is five:
   o_proj and down, int8 weights with a scale per row. It loads its first weights before waiting for the kernel
   before it (programmatic dependent launch), as weights never change.
 - `new_token`: q/k norm, rotation and the cache writes of one new token, one program per key/value head.
-- attention stays SDPA (cuDNN): a hand-written loop over the cached slots (tried) was 3-6x slower at batch 1.
+- `decode_attention`: attention of the new token over up to ATTENTION_MAX_KEYS slots, one program per key/value
+  head, its query heads padded to 16 rows for tensor-core products; longer, SDPA.
 
 Both are torch custom ops (new_token mutating the cache buffers), so torch.compile and CUDA graphs see one opaque
 call each. The model uses them only on CUDA; the tests run the same kernels on CPU tensors through Triton's
@@ -116,6 +117,55 @@ if triton is not None:
         return rotated_first, rotated_second
 
     @triton.jit
+    def _decode_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, mask_ptr, out_ptr,
+        cache_row_stride, cache_head_stride, cache_slot_stride, mask_row_stride, keys, scale,
+        HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """One program per (row, key/value head): its query heads (padded to ROWS >= 16 rows for tl.dot) attend
+        over the first `keys` cache slots, the additive mask added to the scores (online softmax). UPCAST: the
+        products' operands in float32 (Triton 3.9's interpreter gets tl.dot wrong on bf16)."""
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        dtype = out_ptr.dtype.element_ty
+        members = tl.arange(0, ROWS)
+        real = members < GROUP
+        dims = tl.arange(0, DIM)
+        heads = (row * HEADS + kv_head * GROUP + members)[:, None] * DIM + dims[None, :]
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        q = tl.load(q_ptr + heads, mask=real[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        best = tl.full([ROWS], float("-inf"), tl.float32)
+        total = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, DIM], tl.float32)
+        cache = row * cache_row_stride + kv_head * cache_head_stride + dims[None, :]
+        offsets = tl.arange(0, BLOCK)
+        for start in tl.range(0, keys, BLOCK, num_stages=2):
+            slots = start + offsets
+            visible = slots < keys
+            k = tl.load(k_cache_ptr + cache + slots[:, None] * cache_slot_stride, mask=visible[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            scores += tl.load(mask_ptr + row * mask_row_stride + slots, mask=visible, other=float("-inf")).to(tl.float32)[None, :]
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # a block of masked slots only: no inf - inf
+            weights = tl.exp(scores - shift[:, None])
+            rescale = tl.exp(best - shift)
+            v = tl.load(v_cache_ptr + cache + slots[:, None] * cache_slot_stride, mask=visible[:, None], other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+            total = total * rescale + tl.sum(weights, axis=1)
+            best = new_best
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.store(out_ptr + heads, (acc / total[:, None]).to(dtype), mask=real[:, None])
+
+    @triton.jit
     def _new_token_kernel(
         qkv_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, q_ptr,
         qkv_row_stride, rope_row_stride, cache_row_stride, cache_head_stride, cache_slot_stride, eps,
@@ -193,6 +243,33 @@ def new_token(
 @new_token.register_fake
 def _(qkv, q_weight, k_weight, cos, sin, slot, k_cache, v_cache, heads, eps, qk_norm):  # noqa: ANN001, ANN202
     return qkv.new_empty(qkv.shape[0], heads, 1, k_cache.shape[-1])
+
+
+ATTENTION_MAX_KEYS = 512  # longer: SDPA, whose kernel spreads the slots over more of the GPU than one program per head
+
+
+@torch.library.custom_op("qwen3gen::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per row, q [batch, heads, 1, head_dim], over the first mask.shape[-1] slots of the
+    caches [batch, kv_heads, slots, head_dim], mask [batch, 1, 1, keys] additive: what SDPA computes, in one kernel
+    that takes part in dependent launch (SDPA's does not, and each such kernel leaves a gap on both sides)."""
+    batch, heads, _, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+    _decode_attention_kernel[(batch, kv_heads)](
+        q, k_cache, v_cache, mask, out,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), mask.stride(0), mask.shape[-1], dim**-0.5,
+        HEADS=heads, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=q.device.type != "cuda", num_warps=4,
+        **dependent_launch(q.device),
+    )  # fmt: skip
+    return out
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, mask):  # noqa: ANN001, ANN202
+    return torch.empty_like(q)
 
 
 @torch.library.custom_op("qwen3gen::matvec", mutates_args=())

@@ -117,6 +117,8 @@ class Attention(nn.Module):
         batch, tokens, _ = qkv.shape
         if slots is not None and tokens == 1 and kernels.available(qkv.device):
             q, (k, v) = self.new_token(qkv, rope, slots), (self.kv_cache.k, self.kv_cache.v)
+            if mask.shape[-1] <= kernels.ATTENTION_MAX_KEYS:
+                return kernels.decode_attention(q, k, v, mask).view(batch, tokens, -1)
         else:
             heads = qkv.view(batch, tokens, -1, self.head_dim).transpose(1, 2)  # query, key, value heads
             qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=1)

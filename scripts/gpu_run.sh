@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent H200 (its own torch and transformers; nothing installed): CUDA correctness, a decode profile, the benchmark tables.
-# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|diag|kernels|fusion|fused|all]  (check runs the benches too)
+# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|diag|kernels|fusion|fused|attention|all]  (check runs the benches too)
 # The tokenizer files must travel with the tree: here, `mkdir .tok && cp ../shared/qwen3-tokenizer/*.json .tok/`,
 # `echo /.tok/ >> .git/info/exclude`, then name `.tok` in the device call's carry and pass `.tok $OUT`.
 # Each step has its own time limit and log file, so a slow step cannot take the others' results with it;
@@ -40,6 +40,13 @@ if [ "$what" = fused ]; then  # the fused decode-attention kernel: alone, in the
     timeout 80 python3 scripts/gpu_variants.py engine base+nofused > "$out/engine-nofused.log" 2>&1
     timeout 80 python3 scripts/gpu_variants.py engine base+nomatvec > "$out/engine-nomatvec.log" 2>&1
     timeout 100 python3 scripts/gpu_attention.py > "$out/attention.log" 2>&1
+fi
+if [ "$what" = attention ]; then  # kernels.decode_attention against SDPA in the engine, from a cold cache
+    cold=$(mktemp -d)
+    export TORCHINDUCTOR_CACHE_DIR=$cold/inductor TRITON_CACHE_DIR=$cold/triton
+    timeout 110 python3 scripts/gpu_variants.py engine base > "$out/engine-base.log" 2>&1
+    timeout 80 python3 scripts/gpu_variants.py engine base+sdpa > "$out/engine-sdpa.log" 2>&1
+    timeout 100 python3 scripts/gpu_variants.py engine base 64 > "$out/engine-base64.log" 2>&1
 fi
 if [ "$what" = kernels ]; then  # a hand-written Triton matrix-vector kernel over a grid of settings, against inductor's
     timeout 200 python3 scripts/gpu_variants.py triton > "$out/triton.log" 2>&1

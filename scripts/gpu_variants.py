@@ -4,7 +4,8 @@ Usage (on the GPU machine): python3 scripts/gpu_variants.py micro [down]
                             python3 scripts/gpu_variants.py triton
                             python3 scripts/gpu_variants.py engine VARIANT [BATCH] [DEVICE]
 VARIANT is base (the engine as it is), or settings joined by +: nofused (none of kernels.py's kernels), nomatvec
-(kernels.py's new_token kernel, but the blocks' own lines around it, compiled), nocdt, nopdl, combo (inductor's combo kernels),
+(kernels.py's attention kernels, but the blocks' own lines around them, compiled), sdpa (SDPA instead of
+kernels.decode_attention), nocdt, nopdl, combo (inductor's combo kernels),
 prefetchsplit, prefetchnext (weights read into the L2 cache on a side stream ahead of the layer that uses them),
 cdtwide (coordinate-descent tuning in every direction, radius 2), aggressive (inductor fuses kernels that share no
 input). DEVICE cpu is a 2-layer dry run.
@@ -181,6 +182,8 @@ def engine(variant: str, batch_size: str = "1", device_name: str = "cuda") -> No
     config = torch._inductor.config
     if "nofused" in parts:
         kernels.available = lambda device: False
+    if "sdpa" in parts:
+        kernels.ATTENTION_MAX_KEYS = 0
     if "nomatvec" in parts:
         def unfused(block, x, rope, mask, slots):
             x = x + block.self_attn(block.input_layernorm(x), rope, mask, slots)
@@ -216,7 +219,8 @@ def engine(variant: str, batch_size: str = "1", device_name: str = "cuda") -> No
     if device.type != "cuda":
         return
     if hasattr(kernels, "_matvec_tuned"):
-        print(f"{variant}: matvec settings chosen (N, K, norm, swiglu, ...): {kernels._matvec_tuned.cache}")
+        chosen = {key[:4]: str(config) for key, config in kernels._matvec_tuned.cache.items()}
+        print(f"{variant}: matvec settings chosen (N, K, norm, swiglu): {chosen}")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         list(engine.tokens(prompts, 65, SamplingParams(), pad_id=0))
     events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)

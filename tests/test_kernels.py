@@ -37,7 +37,8 @@ def attention_step(cfg: qwen3gen.Qwen3Config, dtype: torch.dtype, fused: bool, m
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", ["qwen3", "qwen3-group5", "qwen2"])
 def test_new_token_kernel_matches_the_model(shape, dtype, monkeypatch):
-    """Attention with the new_token kernel (q/k norm, rotation, cache writes) equals the model's lines: the same output
+    """Attention with the new_token kernel (q/k norm, rotation, cache writes) and decode_attention (80 slots: two blocks,
+    the first all padding for the last row) equals the model's lines: the same output
     and cache, float32 to rounding, bf16 to a few bf16 steps (the kernel rounds where the eager lines round, but
     computes the rotation in float32)."""
     assert kernels.triton is not None, "the kernel tests need triton (pip install -e '.[test]')"
