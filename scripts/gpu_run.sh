@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent H200 (its own torch and transformers; nothing installed): CUDA correctness, a decode profile, the benchmark tables.
-# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|diag|kernels|fusion|fused|attention|all]  (check runs the benches too)
+# Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [check|bench|more|diag|kernels|fusion|fused|attention|final|all]  (check runs the benches too)
 # The tokenizer files must travel with the tree: here, `mkdir .tok && cp ../shared/qwen3-tokenizer/*.json .tok/`,
 # `echo /.tok/ >> .git/info/exclude`, then name `.tok` in the device call's carry and pass `.tok $OUT`.
 # Each step has its own time limit and log file, so a slow step cannot take the others' results with it;
@@ -40,6 +40,12 @@ if [ "$what" = fused ]; then  # the fused decode-attention kernel: alone, in the
     timeout 80 python3 scripts/gpu_variants.py engine base+nofused > "$out/engine-nofused.log" 2>&1
     timeout 80 python3 scripts/gpu_variants.py engine base+nomatvec > "$out/engine-nomatvec.log" 2>&1
     timeout 100 python3 scripts/gpu_attention.py > "$out/attention.log" 2>&1
+fi
+if [ "$what" = final ]; then  # one call: the CUDA checks, then the goals' bench rows (batch 1, batch 64, 1,024-token TTFT)
+    timeout 150 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
+    bench bench-batch1 220 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --engines transformers,qwen3gen-compiled,qwen3gen,transformers-static
+    bench bench-batch64 120 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 --engines transformers,qwen3gen-compiled
+    bench bench-ttft1024 80 --prompt-tokens 1024 --new-tokens 16 --batch 1 --reps 5 --engines transformers,qwen3gen-compiled
 fi
 if [ "$what" = attention ]; then  # kernels.decode_attention against SDPA in the engine, from a cold cache
     cold=$(mktemp -d)
