@@ -1,9 +1,9 @@
-"""Hand-written Triton kernels for the CUDA decode step at batch 1, where the step is bound by kernel count.
+"""Hand-written Triton kernels for the CUDA decode step, where at batch 1 the step is bound by kernel count.
 
 A decode step reads every weight once, but at batch 1 on a GPU each kernel also costs a microsecond or more of
 fixed time, and torch.compile makes about eleven kernels of each layer: norm statistics before each of the two
 first products, q/k norm statistics, norm and rotation, two cache writes, attention and four products. Here one
-layer is five:
+layer is six (four products, the new token's q/k/v, its attention):
 - `matvec`: a matrix-vector product with what surrounds it inside: the RMSNorm before it (its statistics summed
   alongside the product, so no kernel of their own), SwiGLU before the down product, the residual add after
   o_proj and down, int8 weights with a scale per row. It loads its first weights before waiting for the kernel
@@ -12,8 +12,8 @@ layer is five:
 - `decode_attention`: attention of the new token over up to ATTENTION_MAX_KEYS slots, one program per key/value
   head, its query heads padded to 16 rows for tensor-core products; longer, SDPA.
 
-Both are torch custom ops (new_token mutating the cache buffers), so torch.compile and CUDA graphs see one opaque
-call each. The model uses them only on CUDA; the tests run the same kernels on CPU tensors through Triton's
+All three are torch custom ops (new_token mutating the cache buffers), so torch.compile and CUDA graphs see one
+opaque call each. The model uses them only on CUDA; the tests run the same kernels on CPU tensors through Triton's
 interpreter (TRITON_INTERPRET=1) and compare them with the model's PyTorch lines.
 """
 

@@ -174,7 +174,7 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def decode_one_token(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """forward for one token of one row, on CUDA, as five kernels (kernels.py): each norm inside the product
+        """forward for one token of one row, on CUDA, as six kernels (kernels.py): each norm inside the product
         after it, SwiGLU inside the down product, each residual add inside the product before it; q/k norm,
         rotation and cache writes in one kernel before attention."""
         attn, mlp = self.self_attn, self.mlp

@@ -100,7 +100,7 @@ def test_matvec_matches_pytorch(case, dtype):
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-def test_block_decodes_one_token_as_five_kernels(quantized, monkeypatch):
+def test_block_decodes_one_token_with_the_kernels(quantized, monkeypatch):
     """Block.decode_one_token (norms, SwiGLU and residual adds inside the products) equals Block.forward's lines."""
     cfg = qwen3gen.Qwen3Config(
         vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
