@@ -12,7 +12,8 @@ attention_bias), and cfg.qk_norm=False drops the query/key norms. config.py sets
 Module names follow the Hugging Face checkpoint ("layers.3.self_attn.o_proj.weight"), except that q/k/v
 and gate/up are each held as one matrix (one larger kernel reads it, where three or two small ones would):
 `checkpoint_tensors` names their row blocks as the checkpoint does. Positions are tensors, so a compiled
-decode step never recompiles as it advances.
+decode step never recompiles as it advances. On CUDA, a decode step runs the same math as kernels.py's Triton
+kernels (Block.decode_one_token, Attention.attend): fewer kernels, where batch 1 is bound by their count.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ class Block(nn.Module):
     def decode_one_token(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """forward for one token of one row, on CUDA, as six kernels (kernels.py): each norm inside the product
         after it, SwiGLU inside the down product, each residual add inside the product before it; q/k norm,
-        rotation and cache writes in one kernel before attention."""
+        rotation and cache writes in one kernel, attention in another (Attention.attend)."""
         attn, mlp = self.self_attn, self.mlp
         qkv = fused_linear(x, attn.qkv_proj, norm=self.input_layernorm)
         x = fused_linear(attn.attend(qkv, rope, mask, slots), attn.o_proj, residual=x)
