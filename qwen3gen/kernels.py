@@ -19,6 +19,8 @@ interpreter (TRITON_INTERPRET=1) and compare them with the model's PyTorch lines
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -36,8 +38,13 @@ def available(device: torch.device) -> bool:
 def dependent_launch(device: torch.device) -> dict[str, bool]:
     """Launch options for programmatic dependent launch (Hopper and later), as inductor's kernels get them: a
     kernel starts while the one before it finishes, and waits (gdc_wait) only where it reads that one's output."""
-    on = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    return {"PDL": True, "launch_pdl": True} if _hopper_or_later(device) else {"PDL": False}
+
+
+@functools.cache
+def _hopper_or_later(device: torch.device) -> bool:
+    """Asked once per device, not at every launch of an eager decode step."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 if triton is not None:
