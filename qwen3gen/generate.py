@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import cpu_kernels
 from .model import Qwen3
 from .sampling import SamplingParams, next_token
 from .tokenizer import IncrementalDetokenizer, Tokenizer
@@ -205,6 +206,8 @@ class Engine:
         self.chunks_ahead = 1 if self.device.type == "cuda" else 0
         self.graphs: dict[tuple[int, ...], CapturedStep] = {}  # by input shape and key length, for the cache they were recorded on
         self.graphs_cache: object = None
+        if self.device.type == "cpu":
+            cpu_kernels.huge_page_weights(model)
         if compile:
             # A graph per prefill bucket and, on CUDA, per attention length: more than dynamo's default limit of 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import cpu_kernels, kernels
 from .config import Qwen3Config
 
 
@@ -169,15 +169,16 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
-        if slots is not None and x.shape[0] * x.shape[1] == 1 and kernels.available(x.device):
+        if slots is not None and x.shape[0] * x.shape[1] == 1 and fused_products(x.device):
             return self.decode_one_token(x, rope, mask, slots)
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def decode_one_token(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """forward for one token of one row, on CUDA, as six kernels (kernels.py): each norm inside the product
-        after it, SwiGLU inside the down product, each residual add inside the product before it; q/k norm,
-        rotation and cache writes in one kernel, attention in another (Attention.attend)."""
+        """forward for one token of one row as four products, each with its neighbours inside (kernels.py on CUDA,
+        cpu_kernels.py on CPU): each norm inside the product after it, SwiGLU inside the down product, each residual
+        add inside the product before it. On CUDA, q/k norm, rotation and cache writes are one kernel more, and
+        attention another (Attention.attend)."""
         attn, mlp = self.self_attn, self.mlp
         qkv = fused_linear(x, attn.qkv_proj, norm=self.input_layernorm)
         x = fused_linear(attn.attend(qkv, rope, mask, slots), attn.o_proj, residual=x)
@@ -185,14 +186,20 @@ class Block(nn.Module):
         return fused_linear(gate_up, mlp.down_proj, residual=x, swiglu=True)
 
 
+def fused_products(device: torch.device) -> bool:
+    """Whether a one-token, one-row step runs its products as fused matrix-vector kernels on this device."""
+    return kernels.available(device) or cpu_kernels.available(device)
+
+
 def fused_linear(
     x: torch.Tensor, layer: nn.Module, norm: RMSNorm | None = None, residual: torch.Tensor | None = None, swiglu: bool = False
 ) -> torch.Tensor:
     """residual + layer(input), input being x, norm(x) or silu(gate) * up of x = [gate, up], in one kernel; layer is
-    an nn.Linear or an int8 one (quantize.py: int8 weight, a scale per row)."""
-    scales = getattr(layer, "scales", None)
+    an nn.Linear, an int8 one (quantize.py: int8 weight, a scale per row) or the embedding as a tied output head."""
+    scales, bias = getattr(layer, "scales", None), getattr(layer, "bias", None)
     norm_weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
-    return kernels.matvec(x, layer.weight, scales, layer.bias, norm_weight, eps, residual, swiglu)
+    matvec = kernels.matvec if kernels.available(x.device) else cpu_kernels.matvec
+    return matvec(x, layer.weight, scales, bias, norm_weight, eps, residual, swiglu)
 
 
 def attention_mask(query_slots: torch.Tensor, key_length: int, pad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -296,5 +303,8 @@ class Qwen3(nn.Module):
             x = layer(x, rope, mask, slots)
         if last_only:
             x = x[:, -1:]
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        if x.shape[0] * x.shape[1] == 1 and cpu_kernels.available(x.device) and not kernels.available(x.device):
+            return fused_linear(x, head, norm=self.norm)  # on CUDA, cuBLAS reads the head as fast as a kernel of ours
         x = self.norm(x)
-        return F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+        return F.linear(x, head.weight) if self.lm_head is None else self.lm_head(x)

@@ -7,7 +7,7 @@ import torch
 import qwen3gen
 import qwen3gen.bench
 import qwen3gen.quantize
-from qwen3gen import kernels
+from qwen3gen import cpu_kernels, kernels
 from qwen3gen.model import Attention, attention_mask, rotary_angles
 
 
@@ -117,6 +117,7 @@ def test_block_decodes_one_token_with_the_kernels(quantized, monkeypatch):
     model.setup_cache(1, 80)
     prompt = torch.randint(0, 64, (1, 9))
     logits = []
+    monkeypatch.setattr(cpu_kernels, "available", lambda device: False)  # the reference: the PyTorch lines
     for fused in (False, True):
         monkeypatch.setattr(kernels, "available", lambda device: fused)
         with torch.no_grad():

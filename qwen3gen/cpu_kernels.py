@@ -1,0 +1,151 @@
+"""The CPU decode step's matrix-vector product (cpu_matvec.c), built on first use with the machine's C compiler.
+
+At batch 1 a decode step reads every weight once, so on a CPU it costs what the products' reads cost. PyTorch's bf16
+product reads about 12 GB/s on a 2-core AVX2 machine where a plain read reaches 16-20, and its int8 one
+(`torch._weight_int8pack_mm`) about 7; inductor's generated reductions do no better (scripts/cpu_int8_kernels.py,
+BENCHMARKS.md). cpu_matvec.c streams each weight row once with AVX2 and fuses what surrounds the product, as the CUDA
+`kernels.matvec` does: the RMSNorm before it, SwiGLU before the down product, the residual add after it. Weights
+are also moved into memory advised for 2 MiB pages (`huge_page_weights`), which the reads need to come near the
+memory's speed: with 4 KiB pages every 4 KiB of weights costs a page-table walk.
+
+The library is compiled once per source version into the user's cache (QWEN3GEN_CACHE, else ~/.cache/qwen3gen) and
+loaded with ctypes; its OpenMP threads are PyTorch's own (the same libgomp). Where there is no x86-64 CPU with AVX2,
+or no C compiler, `available` is False and the model keeps its PyTorch lines; `unavailable_reason` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import mmap
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SOURCE = Path(__file__).with_name("cpu_matvec.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # cpu_matvec.c's enum
+ACTIVATION_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+HUGE_PAGE = 2 << 20
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QWEN3GEN_CACHE") or Path.home() / ".cache" / "qwen3gen")
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded library, "") or (None, why not)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None, f"the CPU kernel needs x86-64 with AVX2 (this is {platform.machine()}, {torch.backends.cpu.get_cpu_capability()})"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler (cc or gcc, or $CC) to build the CPU kernel"
+    source = SOURCE.read_bytes()
+    path = cache_dir() / f"cpu_matvec-{hashlib.sha256(source + ' '.join(FLAGS).encode()).hexdigest()[:16]}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Built beside its final name and renamed into place: another process never loads a half-written library.
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            built = Path(tmp) / path.name
+            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+            if result.returncode != 0:
+                return None, f"{compiler} could not build the CPU kernel: {result.stderr.strip()[-500:]}"
+            os.replace(built, path)
+    library = ctypes.CDLL(str(path))
+    library.qwen3gen_matvec.restype = ctypes.c_int
+    library.qwen3gen_matvec.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    return library, ""
+
+
+@torch.compiler.assume_constant_result  # compiled blocks ask it too: answered once, outside the graph
+def available(device: torch.device) -> bool:
+    """Whether the CPU decode step can use the kernel (built here, or found in the cache)."""
+    return device.type == "cpu" and _library()[0] is not None
+
+
+def unavailable_reason() -> str:
+    return _library()[1]
+
+
+def _pointer(t: torch.Tensor | None) -> tuple[int | None, int]:
+    """(address, cpu_matvec.c's type code) of a contiguous tensor, (NULL, 0) for None."""
+    if t is None:
+        return None, 0
+    assert t.is_contiguous() and t.dtype in TYPES, f"the CPU kernel takes contiguous {list(TYPES)} tensors, not {t.dtype}"
+    return t.data_ptr(), TYPES[t.dtype]
+
+
+@torch.library.custom_op("qwen3gen::cpu_matvec", mutates_args=())
+def matvec(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+    swiglu: bool,
+) -> torch.Tensor:
+    """kernels.matvec's contract on the CPU: residual + linear(input) * scale + bias for one row x [1, 1, K] (or
+    [1, 1, 2K] with swiglu), where input is x, RMSNorm(x) with norm_weight, or silu(gate) * up."""
+    n, k = weight.shape
+    x, residual = x.contiguous(), None if residual is None else residual.contiguous()  # held while the kernel runs
+    out = x.new_empty(1, 1, n)
+    (x_ptr, x_type), (w_ptr, w_type), *rest = [_pointer(t) for t in (x, weight, scale, bias, norm_weight)]
+    flat = [value for pair in rest for value in pair]  # scale, bias, norm weight: address and type each
+    threads = torch.get_num_threads()
+    status = _library()[0].qwen3gen_matvec(x_ptr, x_type, w_ptr, w_type, n, k, *flat, eps, _pointer(residual)[0], swiglu, out.data_ptr(), threads)
+    if status != 0:
+        raise MemoryError("the CPU kernel could not allocate its input buffer")
+    return out
+
+
+@matvec.register_fake
+def _(x, weight, scale, bias, norm_weight, eps, residual, swiglu):  # noqa: ANN001, ANN202
+    return x.new_empty(1, 1, weight.shape[0])
+
+
+def huge_page_weights(model: nn.Module) -> None:
+    """Move every parameter and buffer of a CPU model into one block of memory advised for 2 MiB pages (Linux).
+
+    Reading 1.2 GB of weights per token through 4 KiB pages costs a page-table walk every 4 KiB; through 2 MiB pages the
+    same reads ran about a quarter faster here. Elsewhere (no madvise, or transparent huge pages off) nothing changes.
+    """
+    if not hasattr(mmap, "MADV_HUGEPAGE") or getattr(model, "weights_on_huge_pages", False):
+        return
+    tensors = {}
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, t in getattr(module, kind).items():
+                if t is not None and t.device.type == "cpu":
+                    tensors.setdefault(id(t), (t, []))[1].append((module, kind, name))
+    offsets, size = [], 0
+    for t, _ in tensors.values():
+        offsets.append(size)
+        size += -(-t.numel() * t.element_size() // 64) * 64  # each tensor 64-byte aligned
+    block = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory gets no huge pages
+    block.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(block, dtype=torch.uint8)  # keeps the mmap alive as long as any view of it
+    start = -raw.data_ptr() % HUGE_PAGE
+    with torch.no_grad():
+        for offset in offsets:
+            t, owners = tensors.pop(next(iter(tensors)))  # dropped as it goes: peak memory grows by one tensor, not all
+            begin = start + offset
+            moved = raw[begin : begin + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+            if isinstance(t, nn.Parameter):  # one Parameter still, where modules share one (tied weights)
+                moved = nn.Parameter(moved, t.requires_grad)
+            for module, kind, name in owners:
+                getattr(module, kind)[name] = moved
+    model.weights_on_huge_pages = True
