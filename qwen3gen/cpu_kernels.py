@@ -2,8 +2,8 @@
 
 At batch 1 a decode step reads every weight once, so on a CPU it costs what the products' reads cost. PyTorch's bf16
 product reads about 12 GB/s on a 2-core AVX2 machine where a plain read reaches 16-20, and its int8 one
-(`torch._weight_int8pack_mm`) about 7; inductor's generated reductions do no better (scripts/cpu_int8_kernels.py,
-BENCHMARKS.md). cpu_matvec.c streams each weight row once with AVX2 and fuses what surrounds the product, as the CUDA
+(`torch._weight_int8pack_mm`) about 7 (scripts/cpu_int8_kernels.py); inductor's generated reductions did no better
+(BENCHMARKS.md). cpu_matvec.c streams each weight row once with AVX2 and fuses what surrounds the product, as the CUDA
 `kernels.matvec` does: the RMSNorm before it, SwiGLU before the down product, the residual add after it. Weights
 are also moved into memory advised for 2 MiB pages (`huge_page_weights`), which the reads need to come near the
 memory's speed: with 4 KiB pages every 4 KiB of weights costs a page-table walk.
@@ -59,7 +59,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
             if result.returncode != 0:
                 return None, f"{compiler} could not build the CPU kernel: {result.stderr.strip()[-500:]}"
             os.replace(built, path)
-    library = ctypes.CDLL(str(path))
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as err:  # a library from another machine, or a damaged file, in a shared cache
+        return None, f"could not load the CPU kernel {path}: {err}"
     library.qwen3gen_matvec.restype = ctypes.c_int
     library.qwen3gen_matvec.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long,

@@ -3,8 +3,9 @@
    out = residual + W @ input * scale + bias, where input is x, RMSNorm(x) or SwiGLU(x) = silu(gate) * up, rounded to
    the activations' type where the model's PyTorch lines round. W [n, k] is float32, bfloat16, float16 or int8 (with a
    float scale per row). Each thread walks whole rows in order, one row at a time, so the weights stream through
-   memory front to back; that reads about a third faster here than PyTorch's bf16 product, and twice as fast as its
-   int8 one (the step's whole cost at batch 1, where every weight is read once per token). */
+   memory front to back; on the 2-core development CPU that read bf16 weights about a fifth faster than PyTorch's
+   product and int8 ones about 1.7x as fast (BENCHMARKS.md): at batch 1, where every weight is read once per token,
+   those reads are most of a step. */
 
 #include <immintrin.h>
 #include <math.h>

@@ -13,7 +13,8 @@ Module names follow the Hugging Face checkpoint ("layers.3.self_attn.o_proj.weig
 and gate/up are each held as one matrix (one larger kernel reads it, where three or two small ones would):
 `checkpoint_tensors` names their row blocks as the checkpoint does. Positions are tensors, so a compiled
 decode step never recompiles as it advances. On CUDA, a decode step runs the same math as kernels.py's Triton
-kernels (Block.decode_one_token, Attention.attend): fewer kernels, where batch 1 is bound by their count.
+kernels (Block.decode_one_token, Attention.attend): fewer kernels, where batch 1 is bound by their count. On a CPU
+with AVX2, its products and output head run cpu_kernels.py's kernel, which reads the weights faster.
 """
 
 from __future__ import annotations
