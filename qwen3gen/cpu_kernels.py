@@ -32,7 +32,6 @@ from torch import nn
 SOURCE = Path(__file__).with_name("cpu_matvec.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # cpu_matvec.c's enum
-ACTIVATION_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 HUGE_PAGE = 2 << 20
 
 
@@ -40,10 +39,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QWEN3GEN_CACHE") or Path.home() / ".cache" / "qwen3gen")
 
 
+def cpu_supported() -> bool:
+    """Whether this CPU runs the kernel: x86-64 with AVX2 (PyTorch's own AVX2 kernels imply FMA and F16C too)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded library, "") or (None, why not)."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if not cpu_supported():
         return None, f"the CPU kernel needs x86-64 with AVX2 (this is {platform.machine()}, {torch.backends.cpu.get_cpu_capability()})"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:

@@ -67,23 +67,23 @@ static inline __m256 load8_i8(const void *p) { return _mm256_cvtepi32_ps(_mm256_
 
 /* One row's dot product with the float input: four independent sums of eight, then the scalar tail. For int8 the
    hardware prefetcher alone leaves the reads short of the memory's speed, so each step asks for the line 1 KiB ahead. */
-#define ROW_DOT(NAME, TYPE, CODE, LOAD8, PREFETCH)                                                          \
-    static float NAME(const TYPE *w, const float *in, long k) {                                        \
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                    \
-        long i = 0;                                                                                    \
-        for (; i + 32 <= k; i += 32) {                                                                 \
-            if (PREFETCH) _mm_prefetch((const char *)(w + i) + 1024, _MM_HINT_T0);                     \
-            a0 = _mm256_fmadd_ps(LOAD8(w + i), _mm256_loadu_ps(in + i), a0);                           \
-            a1 = _mm256_fmadd_ps(LOAD8(w + i + 8), _mm256_loadu_ps(in + i + 8), a1);                   \
-            a2 = _mm256_fmadd_ps(LOAD8(w + i + 16), _mm256_loadu_ps(in + i + 16), a2);                 \
-            a3 = _mm256_fmadd_ps(LOAD8(w + i + 24), _mm256_loadu_ps(in + i + 24), a3);                 \
-        }                                                                                              \
-        __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));                        \
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));                 \
-        s = _mm_hadd_ps(s, s);                                                                         \
-        float sum = _mm_cvtss_f32(_mm_hadd_ps(s, s));                                                  \
-        for (; i < k; i++) sum += load_one(w, CODE, i) * in[i];                            \
-        return sum;                                                                                    \
+#define ROW_DOT(NAME, TYPE, CODE, LOAD8, PREFETCH)                                                             \
+    static float NAME(const TYPE *w, const float *in, long k) {                                                \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                            \
+        long i = 0;                                                                                            \
+        for (; i + 32 <= k; i += 32) {                                                                         \
+            if (PREFETCH) _mm_prefetch((const char *)(w + i) + 1024, _MM_HINT_T0);                             \
+            a0 = _mm256_fmadd_ps(LOAD8(w + i), _mm256_loadu_ps(in + i), a0);                                   \
+            a1 = _mm256_fmadd_ps(LOAD8(w + i + 8), _mm256_loadu_ps(in + i + 8), a1);                           \
+            a2 = _mm256_fmadd_ps(LOAD8(w + i + 16), _mm256_loadu_ps(in + i + 16), a2);                         \
+            a3 = _mm256_fmadd_ps(LOAD8(w + i + 24), _mm256_loadu_ps(in + i + 24), a3);                         \
+        }                                                                                                      \
+        __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));                                \
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));                         \
+        s = _mm_hadd_ps(s, s);                                                                                 \
+        float sum = _mm_cvtss_f32(_mm_hadd_ps(s, s));                                                          \
+        for (; i < k; i++) sum += load_one(w, CODE, i) * in[i];                                                \
+        return sum;                                                                                            \
     }
 ROW_DOT(dot_f32, float, F32, load8_f32, 0)
 ROW_DOT(dot_bf16, uint16_t, BF16, load8_bf16, 0)
