@@ -1,11 +1,14 @@
-"""The CPU decode step's matrix-vector product (cpu_matvec.c), built on first use with the machine's C compiler.
+"""The CPU decode step's kernels (cpu_kernels.c), built on first use with the machine's C compiler.
 
-At batch 1 a decode step reads every weight once, so on a CPU it costs what the products' reads cost. PyTorch's bf16
-product reads about 12 GB/s on a 2-core AVX2 machine where a plain read reaches 16-20, and its int8 one
-(`torch._weight_int8pack_mm`) about 7 (scripts/cpu_int8_kernels.py); inductor's generated reductions did no better
-(BENCHMARKS.md). cpu_matvec.c streams each weight row once with AVX2 and fuses what surrounds the product, as the CUDA
-`kernels.matvec` does: the RMSNorm before it, SwiGLU before the down product, the residual add after it. Weights
-are also moved into memory advised for 2 MiB pages (`huge_page_weights`), which the reads need to come near the
+At batch 1 a decode step reads every weight once, so on a CPU it costs what the products' reads cost, plus whatever
+the small ops around them cost. PyTorch's bf16 product reads about 12 GB/s on a 2-core AVX2 machine where a plain read
+reaches 16-21, and its int8 one (`torch._weight_int8pack_mm`) about 7 (scripts/cpu_int8_kernels.py); inductor's
+generated reductions did no better (BENCHMARKS.md). cpu_kernels.c has the contracts of kernels.py's CUDA kernels:
+- `matvec` streams each weight row once with AVX2, with what surrounds the product inside: the RMSNorm before it,
+  SwiGLU before the down product, the residual add after it;
+- `new_token` (q/k norm, rotation, cache writes) and `decode_attention` (one new token per row over the cache) stand
+  for some twenty small PyTorch ops a layer, each a few microseconds of dispatch here.
+Weights are also moved into memory advised for 2 MiB pages (`huge_page_weights`), which the reads need to come near the
 memory's speed: with 4 KiB pages every 4 KiB of weights costs a page-table walk.
 
 The library is compiled once per source version into the user's cache (QWEN3GEN_CACHE, else ~/.cache/qwen3gen) and
@@ -23,15 +26,17 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-SOURCE = Path(__file__).with_name("cpu_matvec.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
-TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # cpu_matvec.c's enum
+TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # cpu_kernels.c's enum
 HUGE_PAGE = 2 << 20
 
 
@@ -53,7 +58,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if compiler is None:
         return None, "no C compiler (cc or gcc, or $CC) to build the CPU kernel"
     source = SOURCE.read_bytes()
-    path = cache_dir() / f"cpu_matvec-{hashlib.sha256(source + ' '.join(FLAGS).encode()).hexdigest()[:16]}.so"
+    path = cache_dir() / f"cpu_kernels-{hashlib.sha256(source + ' '.join(FLAGS).encode()).hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         # Built beside its final name and renamed into place: another process never loads a half-written library.
@@ -73,6 +78,18 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
         ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
+    library.qwen3gen_new_token.restype = None
+    library.qwen3gen_new_token.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+    ]  # fmt: skip
+    library.qwen3gen_decode_attention.restype = ctypes.c_int
+    library.qwen3gen_decode_attention.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+        ctypes.c_long, ctypes.c_float, ctypes.c_int,
+    ]  # fmt: skip
     return library, ""
 
 
@@ -87,14 +104,31 @@ def unavailable_reason() -> str:
 
 
 def _pointer(t: torch.Tensor | None) -> tuple[int | None, int]:
-    """(address, cpu_matvec.c's type code) of a contiguous tensor, (NULL, 0) for None."""
+    """(address, cpu_kernels.c's type code) of a contiguous tensor, (NULL, 0) for None."""
     if t is None:
         return None, 0
     assert t.is_contiguous() and t.dtype in TYPES, f"the CPU kernel takes contiguous {list(TYPES)} tensors, not {t.dtype}"
     return t.data_ptr(), TYPES[t.dtype]
 
 
-@torch.library.custom_op("qwen3gen::cpu_matvec", mutates_args=())
+def _opaque(mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Register fn as the custom op qwen3gen::cpu_<name>, one opaque call inside compiled graphs; called eagerly, fn
+    runs straight, as the op dispatcher's own ~25 us per call would add about 4 % to an eager step here."""
+
+    def register(fn: Callable) -> Callable:
+        op = torch.library.custom_op(f"qwen3gen::cpu_{fn.__name__}", fn, mutates_args=mutates_args)
+
+        @functools.wraps(fn)
+        def call(*args: object) -> torch.Tensor:
+            return op(*args) if torch.compiler.is_compiling() else fn(*args)
+
+        call.register_fake = op.register_fake
+        return call
+
+    return register
+
+
+@_opaque()
 def matvec(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -122,6 +156,65 @@ def matvec(
 @matvec.register_fake
 def _(x, weight, scale, bias, norm_weight, eps, residual, swiglu):  # noqa: ANN001, ANN202
     return x.new_empty(1, 1, weight.shape[0])
+
+
+@_opaque(mutates_args=("k_cache", "v_cache"))
+def new_token(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slot: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    heads: int,
+    eps: float,
+    qk_norm: bool,
+) -> torch.Tensor:
+    """kernels.new_token's contract on the CPU: writes the new key (normed, rotated) and value of qkv [batch, 1,
+    (heads + 2 kv_heads) * head_dim] to the caches' slot and returns the query heads [batch, heads, 1, head_dim]."""
+    batch, kv_heads, _, dim = k_cache.shape
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "the CPU kernel writes contiguous caches"
+    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+    q = qkv.new_empty(batch, heads, 1, dim)
+    (qkv_ptr, kind), (q_norm, _), (k_norm, _) = _pointer(qkv), *(_pointer(w if qk_norm else None) for w in (q_weight, k_weight))
+    _library()[0].qwen3gen_new_token(
+        qkv_ptr, kind, qkv.stride(0), q_norm, k_norm, eps, cos.data_ptr(), sin.data_ptr(), cos.stride(0), int(slot),
+        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), q.data_ptr(), batch, heads, kv_heads, dim,
+    )  # fmt: skip
+    return q
+
+
+@new_token.register_fake
+def _(qkv, q_weight, k_weight, cos, sin, slot, k_cache, v_cache, heads, eps, qk_norm):  # noqa: ANN001, ANN202
+    return qkv.new_empty(qkv.shape[0], heads, 1, k_cache.shape[-1])
+
+
+ATTENTION_MAX_KEYS = sys.maxsize  # any length: each (row, key/value head) walks its slots once
+
+
+@_opaque()
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """kernels.decode_attention's contract on the CPU: attention of q [batch, heads, 1, head_dim] over the first
+    mask.shape[-1] slots of the caches [batch, kv_heads, slots, head_dim], mask [batch, 1, 1, keys] additive."""
+    batch, heads, _, dim = q.shape
+    kv_heads, keys = k_cache.shape[1], mask.shape[-1]
+    assert dim % 8 == 0 and k_cache.is_contiguous() and v_cache.is_contiguous(), "the CPU kernel reads contiguous caches of heads a multiple of 8 wide"
+    q, mask = q.contiguous(), mask.contiguous()
+    out = torch.empty_like(q)
+    status = _library()[0].qwen3gen_decode_attention(
+        q.data_ptr(), _pointer(q)[1], k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
+        _pointer(mask)[0], mask.stride(0), keys, out.data_ptr(), batch, heads, kv_heads, dim, dim**-0.5, torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("the CPU attention kernel could not allocate its score buffer")
+    return out
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, mask):  # noqa: ANN001, ANN202
+    return torch.empty_like(q)
 
 
 def huge_page_weights(model: nn.Module) -> None:

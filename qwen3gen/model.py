@@ -20,6 +20,7 @@ with AVX2, its products and output head run cpu_kernels.py's kernel, which reads
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -117,10 +118,11 @@ class Attention(nn.Module):
     def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
         """Attention of the q/k/v projections [batch, tokens, (heads + 2 kv_heads) * head_dim]: [batch, tokens, heads * head_dim]."""
         batch, tokens, _ = qkv.shape
-        if slots is not None and tokens == 1 and kernels.available(qkv.device):
-            q, (k, v) = self.new_token(qkv, rope, slots), (self.kv_cache.k, self.kv_cache.v)
-            if mask.shape[-1] <= kernels.ATTENTION_MAX_KEYS:
-                return kernels.decode_attention(q, k, v, mask).view(batch, tokens, -1)
+        fused = decode_kernels(qkv.device)
+        if slots is not None and tokens == 1 and fused is not None:
+            q, (k, v) = self.new_token(fused, qkv, rope, slots), (self.kv_cache.k, self.kv_cache.v)
+            if mask.shape[-1] <= fused.ATTENTION_MAX_KEYS:
+                return fused.decode_attention(q, k, v, mask).view(batch, tokens, -1)
         else:
             heads = qkv.view(batch, tokens, -1, self.head_dim).transpose(1, 2)  # query, key, value heads
             qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=1)
@@ -131,14 +133,14 @@ class Attention(nn.Module):
         out = grouped_query_attention(q, k, v, mask, fold=qkv.device.type == "cpu")
         return out.transpose(1, 2).reshape(batch, tokens, -1)
 
-    def new_token(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
-        """The lines from qk_norm to the cache update above, for one new token, as one kernel (kernels.py):
-        returns the query heads; the cache holds the new key and value."""
+    def new_token(self, fused: ModuleType, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
+        """The lines from qk_norm to the cache update above, for one new token, as one kernel of `fused` (kernels.py
+        or cpu_kernels.py): returns the query heads; the cache holds the new key and value."""
         qk_norm = not isinstance(self.q_norm, nn.Identity)
         q_weight, k_weight = (self.q_norm.weight, self.k_norm.weight) if qk_norm else (qkv, qkv)  # unused without norms
         eps = self.q_norm.eps if qk_norm else 0.0
         cache = self.kv_cache
-        return kernels.new_token(qkv, q_weight, k_weight, *rope, slots, cache.k, cache.v, self.n_heads, eps, qk_norm)
+        return fused.new_token(qkv, q_weight, k_weight, *rope, slots, cache.k, cache.v, self.n_heads, eps, qk_norm)
 
     def qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
         """q_norm on the query heads and k_norm on the key heads of qk [batch, n_heads + n_kv_heads, tokens, head_dim]."""
@@ -170,7 +172,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
-        if slots is not None and x.shape[0] * x.shape[1] == 1 and fused_products(x.device):
+        if slots is not None and x.shape[0] * x.shape[1] == 1 and decode_kernels(x.device) is not None:
             return self.decode_one_token(x, rope, mask, slots)
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -187,9 +189,12 @@ class Block(nn.Module):
         return fused_linear(gate_up, mlp.down_proj, residual=x, swiglu=True)
 
 
-def fused_products(device: torch.device) -> bool:
-    """Whether a one-token, one-row step runs its products as fused matrix-vector kernels on this device."""
-    return kernels.available(device) or cpu_kernels.available(device)
+def decode_kernels(device: torch.device) -> ModuleType | None:
+    """The kernels that run a decode step's products and attention on this device (Triton's on CUDA, cpu_kernels.c's
+    on an AVX2 CPU; one contract), or None: the PyTorch lines."""
+    if kernels.available(device):
+        return kernels
+    return cpu_kernels if cpu_kernels.available(device) else None
 
 
 def fused_linear(
@@ -199,8 +204,7 @@ def fused_linear(
     an nn.Linear, an int8 one (quantize.py: int8 weight, a scale per row) or the embedding as a tied output head."""
     scales, bias = getattr(layer, "scales", None), getattr(layer, "bias", None)
     norm_weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
-    matvec = kernels.matvec if kernels.available(x.device) else cpu_kernels.matvec
-    return matvec(x, layer.weight, scales, bias, norm_weight, eps, residual, swiglu)
+    return decode_kernels(x.device).matvec(x, layer.weight, scales, bias, norm_weight, eps, residual, swiglu)
 
 
 def attention_mask(query_slots: torch.Tensor, key_length: int, pad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -305,7 +309,7 @@ class Qwen3(nn.Module):
         if last_only:
             x = x[:, -1:]
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        if x.shape[0] * x.shape[1] == 1 and cpu_kernels.available(x.device) and not kernels.available(x.device):
+        if x.shape[0] * x.shape[1] == 1 and decode_kernels(x.device) is cpu_kernels:
             return fused_linear(x, head, norm=self.norm)  # on CUDA, cuBLAS reads the head as fast as a kernel of ours
         x = self.norm(x)
         return F.linear(x, head.weight) if self.lm_head is None else self.lm_head(x)

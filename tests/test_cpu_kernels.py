@@ -1,9 +1,10 @@
-"""The CPU decode step's kernel (cpu_matvec.c, built by cpu_kernels.py) against the model's own PyTorch lines, and the
+"""The CPU decode step's kernels (cpu_kernels.c, built by cpu_kernels.py) against the model's own PyTorch lines, and the
 2 MiB-page weight block."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from decode_steps import assert_same_step, attention_config, attention_step
 
 import qwen3gen
 import qwen3gen.bench
@@ -74,6 +75,29 @@ def test_matvec_matches_pytorch(case, dtype):
     torch.testing.assert_close(out.float(), expected.to(dtype).float(), **tolerance)
 
 
+@requires_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", ["qwen3", "qwen3-group5", "qwen2"])
+def test_attention_kernels_match_the_model(shape, dtype, monkeypatch):
+    """new_token (q/k norm, rotation, cache writes) and decode_attention over 75 slots with left padding, for three
+    rows at once: the same output and caches as the model's lines, which never read past the mask either."""
+    cfg = attention_config(shape)
+    assert_same_step(attention_step(cfg, dtype, cpu_kernels, monkeypatch), attention_step(cfg, dtype, None, monkeypatch), dtype)
+
+
+@requires_kernel
+def test_decode_attention_over_a_long_cache():
+    """Thousands of slots, half of them masked, scores spread wide (softmax weights from 1 down to underflow): SDPA's
+    numbers, float32."""
+    torch.manual_seed(0)
+    keys = 3001
+    q, k, v = torch.randn(2, 16, 1, 64) * 3, torch.randn(2, 8, keys + 7, 64) * 3, torch.randn(2, 8, keys + 7, 64)
+    mask = torch.zeros(2, 1, 1, keys).masked_fill_(torch.rand(2, 1, 1, keys) < 0.5, float("-inf"))
+    mask[..., 7] = 0.0  # every row sees at least one slot
+    expected = F.scaled_dot_product_attention(q, k[:, :, :keys], v[:, :, :keys], attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(cpu_kernels.decode_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)
+
+
 def decode_logits(model: qwen3gen.Qwen3, fused: bool, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
     """Logits of a prefill, then of three one-token decode steps, with the kernel on or off."""
     monkeypatch.setattr(cpu_kernels, "available", lambda device: fused)
@@ -106,14 +130,15 @@ def test_decode_steps_with_the_kernel_equal_the_pytorch_lines(variant, monkeypat
 
 @requires_kernel
 def test_compiled_decode_uses_the_kernel_without_graph_breaks():
-    """The kernel is a custom op: a compiled block calls it inside its one graph."""
+    """The kernels are custom ops: a compiled block calls them inside its one graph."""
     model = qwen3gen.bench.random_model(tiny_config(), CPU, torch.float32)
     model.setup_cache(1, 32)
     block = model.layers[0]
     x, mask, rope = torch.randn(1, 1, 64), torch.zeros(1, 1, 1, 32), model.step_inputs(torch.tensor([3]), torch.zeros(1, dtype=torch.long), 32, torch.float32)[1]
     explanation = torch._dynamo.explain(block)(x, rope, mask, torch.tensor([3]))
     assert explanation.graph_break_count == 0
-    assert "qwen3gen.cpu_matvec" in str(explanation.graphs[0].graph)
+    graph = str(explanation.graphs[0].graph)
+    assert all(f"qwen3gen.cpu_{op}" in graph for op in ("matvec", "new_token", "decode_attention"))
 
 
 def test_huge_page_weights_moves_every_tensor_and_keeps_ties():
