@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import cpu_kernels
-from .model import Qwen3
+from .model import Qwen3, decode_kernels
 from .sampling import SamplingParams, next_token
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -191,7 +191,7 @@ class Engine:
 
     Compiled, the model's transformer blocks and final norm are compiled in place (one graph serves all layers,
     so warm-up takes seconds, not minutes) and, on a GPU, each whole step is recorded as one CUDA graph per shape
-    and attention length.
+    and attention length. On a CPU with cpu_kernels, only prefill runs compiled (see last_logits).
     Prompts are left-padded to a bucket length and the cache is kept while it is big enough, so new
     requests neither recompile nor record again.
     """
@@ -241,17 +241,21 @@ class Engine:
         return self.graphs[key](ids, input_pos, pad)
 
     def last_logits(self, ids: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor, key_length: int) -> torch.Tensor:
-        # An eager engine stays eager when another engine has compiled this model's blocks.
-        with torch.compiler.set_stance("default" if self.compiled else "force_eager"):
+        # An eager engine stays eager when another engine has compiled this model's blocks. On a CPU with
+        # cpu_kernels, a decode step is already a chain of C kernel calls; compiled, each call would also pass
+        # dynamo's guards and the op dispatcher (about 16 ms more a step for 0.6B here), so those steps run eagerly.
+        compiled = self.compiled and not (ids.shape[1] == 1 and decode_kernels(self.device) is cpu_kernels)
+        with torch.compiler.set_stance("default" if compiled else "force_eager"):
             return self.model(ids, input_pos=input_pos, pad=pad, last_only=True, key_length=key_length)[:, -1]
 
     def key_length(self, end: int) -> int:
         """Cache slots that a step writing positions up to end - 1 attends over.
 
         Attention reads every slot it is given, so it gets a few more than `end` rather than the whole cache: at batch
-        64 the cache is most of what a step reads. Each length is one recorded CUDA graph, and on CUDA one compiled
-        graph too (SDPA's kernel choice fixes the length; on CPU one graph takes them all), so lengths come in steps:
-        the next multiple of 64 up to 512 slots, then the next power of two, at most 15 up to the 40,960-token context.
+        64 the cache is most of what a step reads. Each length is one recorded CUDA graph and one compiled graph (the
+        blocks are compiled for static shapes; on a CPU with cpu_kernels, decode steps are not compiled), so lengths
+        come in steps: the next multiple of 64 up to 512 slots, then the next power of two, at most 15 up to the
+        40,960-token context.
         A compiled engine never hands over its last CACHE_ROUNDING slots (see ensure_cache).
         """
         usable = self.model.cache_shape[1] - (CACHE_ROUNDING if self.compiled else 0)

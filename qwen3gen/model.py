@@ -12,9 +12,9 @@ attention_bias), and cfg.qk_norm=False drops the query/key norms. config.py sets
 Module names follow the Hugging Face checkpoint ("layers.3.self_attn.o_proj.weight"), except that q/k/v
 and gate/up are each held as one matrix (one larger kernel reads it, where three or two small ones would):
 `checkpoint_tensors` names their row blocks as the checkpoint does. Positions are tensors, so a compiled
-decode step never recompiles as it advances. On CUDA, a decode step runs the same math as kernels.py's Triton
-kernels (Block.decode_one_token, Attention.attend): fewer kernels, where batch 1 is bound by their count. On a CPU
-with AVX2, its products and output head run cpu_kernels.py's kernel, which reads the weights faster.
+decode step never recompiles as it advances. A decode step runs the same math through decode_kernels(device)
+(Block.decode_one_token, Attention.attend): kernels.py's Triton kernels on CUDA, where batch 1 is bound by the kernel
+count; cpu_kernels.py's C kernels on a CPU with AVX2, which read the weights faster and stand for the small ops.
 """
 
 from __future__ import annotations
@@ -302,8 +302,6 @@ class Qwen3(nn.Module):
             key_length = self.cache_shape[1]
         x = self.embed_tokens(input_ids)
         mask, rope = self.step_inputs(input_pos, pad, key_length, x.dtype)
-        # The key axis grows as decoding advances: on CPU, compiled blocks take any length without recompiling.
-        torch._dynamo.maybe_mark_dynamic(mask, -1)
         for layer in self.layers:
             x = layer(x, rope, mask, slots)
         if last_only:

@@ -1,4 +1,4 @@
-"""Where bf16 greedy decoding with the CPU kernel (cpu_matvec.c) picks another token than the PyTorch lines, and whether
+"""Where bf16 greedy decoding with the CPU kernels (cpu_kernels.c) picks another token than the PyTorch lines, and whether
 each such step is a near-tie: the gap between the PyTorch lines' top two logits, in bf16 steps at that size.
 
 Full 0.6B shape, random weights, the bench's 32-token prompt, eager, 32 greedy tokens each way, both fed the same

@@ -141,6 +141,23 @@ def test_compiled_decode_uses_the_kernel_without_graph_breaks():
     assert all(f"qwen3gen.cpu_{op}" in graph for op in ("matvec", "new_token", "decode_attention"))
 
 
+@requires_kernel
+def test_a_compiled_cpu_engine_compiles_prefill_only():
+    """With the kernels, a decode step is all kernel calls: a compiled engine runs it eagerly (dynamo's guards and the
+    op dispatcher would only add time) and compiles its prefill."""
+    from qwen3gen.generate import Engine
+
+    counters = torch._dynamo.utils.counters["stats"]
+    engine = Engine(qwen3gen.bench.random_model(tiny_config(), CPU, torch.float32), compile=True)
+    engine.ensure_cache(1, 48)
+    pad, graphs = torch.zeros(1, dtype=torch.long), counters["unique_graphs"]
+    with torch.inference_mode():
+        engine.step(torch.tensor([[5]]), torch.tensor([3]), pad, 64)
+        assert counters["unique_graphs"] == graphs
+        engine.step(torch.zeros(1, 16, dtype=torch.long), torch.arange(16), pad, 64)
+    assert counters["unique_graphs"] > graphs
+
+
 def test_huge_page_weights_moves_every_tensor_and_keeps_ties():
     """Every parameter and buffer lands in the block with the same values; a tied embedding stays one Parameter; a
     second call does nothing."""
