@@ -107,8 +107,15 @@ def _pointer(t: torch.Tensor | None) -> tuple[int | None, int]:
     """(address, cpu_kernels.c's type code) of a contiguous tensor, (NULL, 0) for None."""
     if t is None:
         return None, 0
-    assert t.is_contiguous() and t.dtype in TYPES, f"the CPU kernel takes contiguous {list(TYPES)} tensors, not {t.dtype}"
+    if not t.is_contiguous() or t.dtype not in TYPES:
+        raise TypeError(f"the CPU kernels take contiguous {list(TYPES)} tensors, not a {'' if t.is_contiguous() else 'strided '}{t.dtype} one")
     return t.data_ptr(), TYPES[t.dtype]
+
+
+def _same_type(*tensors: torch.Tensor) -> None:
+    """The attention kernels read every tensor as the activations' one type."""
+    if len({t.dtype for t in tensors}) != 1:
+        raise TypeError(f"the CPU attention kernels take tensors of one type, not {sorted({str(t.dtype) for t in tensors})}")
 
 
 def _opaque(mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
@@ -142,6 +149,8 @@ def matvec(
     """kernels.matvec's contract on the CPU: residual + linear(input) * scale + bias for one row x [1, 1, K] (or
     [1, 1, 2K] with swiglu), where input is x, RMSNorm(x) with norm_weight, or silu(gate) * up."""
     n, k = weight.shape
+    if x.numel() != (2 * k if swiglu else k) or (residual is not None and residual.numel() != n):
+        raise ValueError(f"the CPU kernel's [{n}, {k}] weight got {x.numel()} input values{' (SwiGLU)' if swiglu else ''}")
     x, residual = x.contiguous(), None if residual is None else residual.contiguous()  # held while the kernel runs
     out = x.new_empty(1, 1, n)
     (x_ptr, x_type), (w_ptr, w_type), *rest = [_pointer(t) for t in (x, weight, scale, bias, norm_weight)]
@@ -174,14 +183,17 @@ def new_token(
 ) -> torch.Tensor:
     """kernels.new_token's contract on the CPU: writes the new key (normed, rotated) and value of qkv [batch, 1,
     (heads + 2 kv_heads) * head_dim] to the caches' slot and returns the query heads [batch, heads, 1, head_dim]."""
-    batch, kv_heads, _, dim = k_cache.shape
-    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "the CPU kernel writes contiguous caches"
+    batch, kv_heads, slots, dim = k_cache.shape
+    # The kernel writes where these say: checked here, as a wrong one would write outside the caches.
+    if not 0 <= int(slot) < slots or qkv.shape[0] != batch or qkv.shape[-1] != (heads + 2 * kv_heads) * dim or v_cache.shape != k_cache.shape:
+        raise IndexError(f"new_token: slot {int(slot)} of {slots}, q/k/v {list(qkv.shape)} for {batch} rows of {heads} + 2 x {kv_heads} heads of {dim}")
+    _same_type(qkv, cos, sin, k_cache, v_cache, *((q_weight, k_weight) if qk_norm else ()))
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     q = qkv.new_empty(batch, heads, 1, dim)
     (qkv_ptr, kind), (q_norm, _), (k_norm, _) = _pointer(qkv), *(_pointer(w if qk_norm else None) for w in (q_weight, k_weight))
     _library()[0].qwen3gen_new_token(
         qkv_ptr, kind, qkv.stride(0), q_norm, k_norm, eps, cos.data_ptr(), sin.data_ptr(), cos.stride(0), int(slot),
-        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), q.data_ptr(), batch, heads, kv_heads, dim,
+        _pointer(k_cache)[0], _pointer(v_cache)[0], k_cache.stride(0), k_cache.stride(1), q.data_ptr(), batch, heads, kv_heads, dim,
     )  # fmt: skip
     return q
 
@@ -200,11 +212,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     mask.shape[-1] slots of the caches [batch, kv_heads, slots, head_dim], mask [batch, 1, 1, keys] additive."""
     batch, heads, _, dim = q.shape
     kv_heads, keys = k_cache.shape[1], mask.shape[-1]
-    assert dim % 8 == 0 and k_cache.is_contiguous() and v_cache.is_contiguous(), "the CPU kernel reads contiguous caches of heads a multiple of 8 wide"
+    if keys > k_cache.shape[2] or k_cache.shape[::3] != (batch, dim) or v_cache.shape != k_cache.shape or mask.shape[0] != batch or dim % 8:
+        raise IndexError(f"decode_attention: {keys} slots of a {list(k_cache.shape)} cache, q {list(q.shape)} (head size a multiple of 8)")
+    _same_type(q, k_cache, v_cache, mask)
     q, mask = q.contiguous(), mask.contiguous()
     out = torch.empty_like(q)
     status = _library()[0].qwen3gen_decode_attention(
-        q.data_ptr(), _pointer(q)[1], k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
+        q.data_ptr(), _pointer(q)[1], _pointer(k_cache)[0], _pointer(v_cache)[0], k_cache.stride(0), k_cache.stride(1),
         _pointer(mask)[0], mask.stride(0), keys, out.data_ptr(), batch, heads, kv_heads, dim, dim**-0.5, torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:

@@ -98,6 +98,24 @@ def test_decode_attention_over_a_long_cache():
     torch.testing.assert_close(cpu_kernels.decode_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)
 
 
+@requires_kernel
+def test_the_kernels_refuse_what_would_reach_outside_their_tensors():
+    """A slot past the cache, more keys than slots, an input of the wrong size, mixed types: an exception, never a
+    write or read outside the tensors."""
+    cache = torch.zeros(1, 2, 8, 32)
+    qkv, cos, sin, weight = torch.zeros(1, 1, 256), torch.ones(1, 1, 1, 16), torch.zeros(1, 1, 1, 16), torch.ones(32)
+    with pytest.raises(IndexError):
+        cpu_kernels.new_token(qkv, weight, weight, cos, sin, torch.tensor([8]), cache, cache.clone(), 4, 1e-6, True)
+    with pytest.raises(TypeError):
+        cpu_kernels.new_token(qkv, weight, weight, cos, sin, torch.tensor([7]), cache.bfloat16(), cache.bfloat16(), 4, 1e-6, True)
+    with pytest.raises(IndexError):
+        cpu_kernels.decode_attention(torch.zeros(1, 4, 1, 32), cache, cache, torch.zeros(1, 1, 1, 9))
+    with pytest.raises(ValueError):
+        cpu_kernels.matvec(torch.zeros(1, 1, 31), torch.zeros(5, 32), None, None, None, 0.0, None, False)
+    with pytest.raises(TypeError):
+        cpu_kernels.matvec(torch.zeros(1, 1, 32), torch.zeros(32, 5).t(), None, None, None, 0.0, None, False)
+
+
 def decode_logits(model: qwen3gen.Qwen3, fused: bool, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
     """Logits of a prefill, then of three one-token decode steps, with the kernel on or off."""
     monkeypatch.setattr(cpu_kernels, "available", lambda device: fused)
