@@ -42,7 +42,7 @@ if [ "$what" = fused ]; then  # the fused decode-attention kernel: alone, in the
     timeout 100 python3 scripts/gpu_attention.py > "$out/attention.log" 2>&1
 fi
 if [ "$what" = final ]; then  # one call: the CUDA checks, then the goals' bench rows (batch 1, batch 64, 1,024-token TTFT)
-    timeout 150 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
+    timeout 200 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
     bench bench-batch1 220 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --engines transformers,qwen3gen-compiled,qwen3gen,transformers-static
     bench bench-batch64 120 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 --engines transformers,qwen3gen-compiled
     bench bench-ttft1024 80 --prompt-tokens 1024 --new-tokens 16 --batch 1 --reps 5 --engines transformers,qwen3gen-compiled
