@@ -224,7 +224,12 @@ class Engine:
                 if not hasattr(model.step_inputs, "get_compiler_config"):  # not compiled by another engine already
                     options = {"coordinate_descent_tuning": False}
                     model.step_inputs = torch.compile(model.step_inputs, fullgraph=True, dynamic=True, options=options)
-            for module in [*model.layers, model.norm]:  # the final norm: one kernel instead of eight
+            blocks: list[torch.nn.Module] = list(model.layers)
+            if decode_kernels(self.device) is cpu_kernels:
+                # A one-token step there calls none of a block's parts, only their weights and the kernels: compiling
+                # the parts rather than the block keeps those steps out of a compiled module's wrapper (~5 % a step).
+                blocks = [part for block in blocks for part in (block.input_layernorm, block.self_attn, block.post_attention_layernorm, block.mlp)]
+            for module in [*blocks, model.norm]:  # the final norm: one kernel instead of eight
                 module.compile(fullgraph=True, dynamic=False)
 
     def step(self, ids: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor, key_length: int) -> torch.Tensor:

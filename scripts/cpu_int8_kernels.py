@@ -1,4 +1,4 @@
-"""Matrix-vector read speed on this CPU: cpu_matvec.c (the engine's CPU kernel) against the paths PyTorch offers, in
+"""Matrix-vector read speed on this CPU: cpu_kernels.c (the engine's CPU kernel) against the paths PyTorch offers, in
 float32, bf16 and int8.
 
 40 distinct 6144x1024 matrices of each type, read once each in turn, so the CPU cache does not hold them; every
@@ -51,11 +51,11 @@ def main(options: str = "") -> None:
     kernel = cpu_kernels.matvec
     rows = {
         "float32 F.linear": (lambda i: F.linear(x32, f32[i]), len(f32), 4),
-        "float32 cpu_matvec.c": (lambda i: kernel(x32, f32[i], None, None, None, 0.0, None, False), len(f32), 4),
+        "float32 cpu_kernels.c": (lambda i: kernel(x32, f32[i], None, None, None, 0.0, None, False), len(f32), 4),
         "bf16 F.linear": (lambda i: F.linear(x, bf16[i]), MATRICES, 2),
-        "bf16 cpu_matvec.c": (lambda i: kernel(x, bf16[i], None, None, None, 0.0, None, False), MATRICES, 2),
+        "bf16 cpu_kernels.c": (lambda i: kernel(x, bf16[i], None, None, None, 0.0, None, False), MATRICES, 2),
         "int8 torch._weight_int8pack_mm": (lambda i: torch._weight_int8pack_mm(x[0], int8[i], scales[i]), MATRICES, 1),
-        "int8 cpu_matvec.c": (lambda i: kernel(x, int8[i], scales[i], None, None, 0.0, None, False), MATRICES, 1),
+        "int8 cpu_kernels.c": (lambda i: kernel(x, int8[i], scales[i], None, None, 0.0, None, False), MATRICES, 1),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'4 KiB' if options else '2 MiB'} pages")
     for name, (fn, count, size) in rows.items():
