@@ -191,7 +191,8 @@ class Engine:
 
     Compiled, the model's transformer blocks and final norm are compiled in place (one graph serves all layers,
     so warm-up takes seconds, not minutes) and, on a GPU, each whole step is recorded as one CUDA graph per shape
-    and attention length. On a CPU with cpu_kernels, only prefill runs compiled (see last_logits).
+    and attention length. On a CPU with cpu_kernels, the blocks' parts are compiled instead, for prefill only: decode
+    steps there are C kernel calls, run eagerly (see last_logits).
     Prompts are left-padded to a bucket length and the cache is kept while it is big enough, so new
     requests neither recompile nor record again.
     """
