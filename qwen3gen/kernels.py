@@ -99,8 +99,8 @@ if triton is not None:
             out = out.to(dtype).to(tl.float32) + tl.load(residual_ptr + rows, mask=live, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, out.to(dtype), mask=live)
 
-    # (rows, columns per step, warps) tried once per matrix shape on the GPU; triton.autotune times them with the
-    # L2 cache flushed, as the model reads each weight from memory.
+    # (rows, columns per step, warps) tried once per matrix shape not in MATVEC_PINNED; triton.autotune times them with
+    # the L2 cache flushed, as the model reads each weight from memory.
     MATVEC_SETTINGS = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4), (4, 256, 2), (16, 256, 4)]
     _matvec_tuned = triton.autotune(
         [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in MATVEC_SETTINGS],
@@ -279,6 +279,13 @@ def _(q, k_cache, v_cache, mask):  # noqa: ANN001, ANN202
     return torch.empty_like(q)
 
 
+# (rows per program, columns per step) for Qwen3-0.6B's four products, (N, K), 4 warps; other shapes are tuned. Timed
+# alone, several settings come within noise of each other, and the tuning picked differently on every cold start: the
+# engine then ran 1,119-1,222 tok/s over five cold starts on one H200. With these (the fastest start's picks), two cold
+# starts ran 1,221.4 and 1,220.9 (BENCHMARKS.md, eighth session).
+MATVEC_PINNED = {(4096, 1024): (4, 512), (1024, 2048): (2, 1024), (6144, 1024): (4, 1024), (1024, 3072): (2, 1024)}
+
+
 @torch.library.custom_op("qwen3gen::matvec", mutates_args=())
 def matvec(
     x: torch.Tensor,
@@ -292,15 +299,18 @@ def matvec(
 ) -> torch.Tensor:
     """residual + linear(input) * scale + bias for one row x [1, 1, K] (or [1, 1, 2K] with swiglu), where input is x,
     RMSNorm(x) with norm_weight, or silu(gate) * up; weight [N, K], int8 with a scale per row, or floating.
-    On CUDA the launch settings are tuned per shape; elsewhere (Triton's interpreter) each loop step takes half a
-    row, so that the tests run the loop."""
+    On CUDA the launch settings are MATVEC_PINNED's or tuned per shape; elsewhere (Triton's interpreter) each loop
+    step takes half a row, so that the tests run the loop."""
     n, k = weight.shape
     out = x.new_empty(1, 1, n)
     flags = dict(NORM=norm_weight is not None, SWIGLU=swiglu, SCALE=scale is not None, BIAS=bias is not None)
     flags.update(RESIDUAL=residual is not None, **dependent_launch(x.device))
     unused = weight  # any pointer for the inputs a flag switches off
     args = [x, weight, *(unused if t is None else t for t in (scale, bias, norm_weight, residual)), out, n, eps, k]
-    if x.device.type == "cuda":
+    if x.device.type == "cuda" and (n, k) in MATVEC_PINNED:
+        rows, cols = MATVEC_PINNED[n, k]
+        _matvec_kernel[(triton.cdiv(n, rows),)](*args, **flags, BLOCK_N=rows, BLOCK_K=cols, num_warps=4)
+    elif x.device.type == "cuda":
         _matvec_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
     else:
         _matvec_kernel[(triton.cdiv(n, 4),)](*args, **flags, BLOCK_N=4, BLOCK_K=max(16, triton.next_power_of_2(k) // 2))
