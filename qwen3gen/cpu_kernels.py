@@ -184,15 +184,16 @@ def new_token(
     """kernels.new_token's contract on the CPU: writes the new key (normed, rotated) and value of qkv [batch, 1,
     (heads + 2 kv_heads) * head_dim] to the caches' slot and returns the query heads [batch, heads, 1, head_dim]."""
     batch, kv_heads, slots, dim = k_cache.shape
+    at = int(slot)
     # The kernel writes where these say: checked here, as a wrong one would write outside the caches.
-    if not 0 <= int(slot) < slots or qkv.shape[0] != batch or qkv.shape[-1] != (heads + 2 * kv_heads) * dim or v_cache.shape != k_cache.shape:
-        raise IndexError(f"new_token: slot {int(slot)} of {slots}, q/k/v {list(qkv.shape)} for {batch} rows of {heads} + 2 x {kv_heads} heads of {dim}")
+    if not 0 <= at < slots or qkv.shape[0] != batch or qkv.shape[-1] != (heads + 2 * kv_heads) * dim or v_cache.shape != k_cache.shape:
+        raise IndexError(f"new_token: slot {at} of {slots}, q/k/v {list(qkv.shape)} for {batch} rows of {heads} + 2 x {kv_heads} heads of {dim}")
     _same_type(qkv, cos, sin, k_cache, v_cache, *((q_weight, k_weight) if qk_norm else ()))
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     q = qkv.new_empty(batch, heads, 1, dim)
     (qkv_ptr, kind), (q_norm, _), (k_norm, _) = _pointer(qkv), *(_pointer(w if qk_norm else None) for w in (q_weight, k_weight))
     _library()[0].qwen3gen_new_token(
-        qkv_ptr, kind, qkv.stride(0), q_norm, k_norm, eps, cos.data_ptr(), sin.data_ptr(), cos.stride(0), int(slot),
+        qkv_ptr, kind, qkv.stride(0), q_norm, k_norm, eps, cos.data_ptr(), sin.data_ptr(), cos.stride(0), at,
         _pointer(k_cache)[0], _pointer(v_cache)[0], k_cache.stride(0), k_cache.stride(1), q.data_ptr(), batch, heads, kv_heads, dim,
     )  # fmt: skip
     return q

@@ -307,13 +307,12 @@ def matvec(
     flags.update(RESIDUAL=residual is not None, **dependent_launch(x.device))
     unused = weight  # any pointer for the inputs a flag switches off
     args = [x, weight, *(unused if t is None else t for t in (scale, bias, norm_weight, residual)), out, n, eps, k]
-    if x.device.type == "cuda" and (n, k) in MATVEC_PINNED:
-        rows, cols = MATVEC_PINNED[n, k]
-        _matvec_kernel[(triton.cdiv(n, rows),)](*args, **flags, BLOCK_N=rows, BLOCK_K=cols, num_warps=4)
-    elif x.device.type == "cuda":
+    settings = MATVEC_PINNED.get((n, k)) if x.device.type == "cuda" else (4, max(16, triton.next_power_of_2(k) // 2))
+    if settings is None:
         _matvec_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
     else:
-        _matvec_kernel[(triton.cdiv(n, 4),)](*args, **flags, BLOCK_N=4, BLOCK_K=max(16, triton.next_power_of_2(k) // 2))
+        rows, cols = settings
+        _matvec_kernel[(triton.cdiv(n, rows),)](*args, **flags, BLOCK_N=rows, BLOCK_K=cols, num_warps=4)
     return out
 
 
