@@ -18,9 +18,10 @@ import torch
 
 from .checkpoint import Checkpoint, default_device, default_dtype, load_model, parse_dtype, resolve
 from .config import Qwen3Config, preset
-from .generate import Engine, peak_memory, reset_peak_memory
+from .engine import Engine
 from .model import Qwen3
 from .quantize import quantize
+from .results import peak_memory, reset_peak_memory
 from .sampling import SamplingParams
 
 # transformers first: its row is the baseline of every later row's ratio, and its tokens the reference.
@@ -122,15 +123,23 @@ def median_run(run: Callable[[], tuple[float, float, list[int]]], reps: int) -> 
 
 
 def qwen3gen_run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> Callable[[], tuple[float, float, list[int]]]:
+    """All prompts added at once, EOS ignored: (time to the first token of the first request, the rest, its tokens)."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+
     def run() -> tuple[float, float, list[int]]:
         start = time.perf_counter()
-        chunks = []
-        for chunk in engine.tokens(prompts, new_tokens, SamplingParams(), pad_id=0):
-            if not chunks:
+        ids = [engine.add_request(p, params) for p in prompts]
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        first = None
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+            if first is None:
+                synchronize(engine.device)
                 first = time.perf_counter()
-            chunks.append(chunk)
+        synchronize(engine.device)
         end = time.perf_counter()
-        return first - start, end - first, torch.cat(chunks, dim=1)[0].tolist()
+        return first - start, end - first, tokens[ids[0]]
 
     return run
 

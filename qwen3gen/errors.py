@@ -19,3 +19,11 @@ class ContextLengthError(Qwen3GenError):
 
 class InvalidParameterError(Qwen3GenError, ValueError):
     """A sampling or generation parameter is out of its valid range."""
+
+
+class OutOfMemoryError(Qwen3GenError):
+    """What the request or the KV cache needs is more memory than the device has, or than the pool holds."""
+
+
+class EngineError(Qwen3GenError):
+    """The engine was asked for something it cannot do, such as aborting a request it does not know."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -9,11 +10,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, default_device, default_dtype, load_model, parse_dtype, resolve
-from .errors import ContextLengthError, InvalidParameterError
-from .generate import Engine, Generation, GenerationStats, RowState, run_rows
+from .engine import Engine, RequestOutput
+from .engine.request import Logprob
+from .errors import InvalidParameterError
+from .kernels.cpu import huge_page_weights
 from .model import Qwen3
 from .quantize import quantize
-from .sampling import SamplingParams
+from .results import Generation, GenerationStats, peak_memory
+from .sampling import SamplingParams, derive_seed
 from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -73,39 +77,122 @@ class ReasoningSplitter:
         return out
 
 
+class Run:
+    """Drives the engine until a set of requests has finished, collecting each one's tokens, text and logprobs; as an
+    iterator it yields after every step. Closing it early (or an exception) aborts the requests left, so their blocks
+    are freed."""
+
+    def __init__(self, llm: "LLM", request_ids: list[str]) -> None:
+        self.engine = llm.engine
+        self.ids = request_ids
+        self.tokens: dict[str, list[int]] = {i: [] for i in request_ids}
+        self.text: dict[str, list[str]] = {i: [] for i in request_ids}
+        self.logprobs: dict[str, list[Logprob]] = {i: [] for i in request_ids}
+        self.finished: dict[str, RequestOutput] = {}
+        self.prompt_logprobs: dict[str, list] = {}
+        self.requests = {i: llm.engine.requests[i] for i in request_ids}
+        self.start = time.perf_counter()
+
+    def __iter__(self) -> Iterator[list[RequestOutput]]:
+        try:
+            while len(self.finished) < len(self.ids):
+                outputs = [o for o in self.engine.step() if o.request_id in self.tokens]
+                for out in outputs:
+                    self.tokens[out.request_id] += out.new_token_ids
+                    self.text[out.request_id].append(out.text)
+                    self.logprobs[out.request_id] += out.logprobs or []
+                    if out.prompt_logprobs is not None:
+                        self.prompt_logprobs[out.request_id] = out.prompt_logprobs
+                    if out.finished:
+                        self.finished[out.request_id] = out
+                yield outputs
+        finally:
+            for request_id in self.ids:
+                if request_id not in self.finished:
+                    self.engine.abort(request_id)
+
+    def wait(self) -> list[Generation]:
+        for _ in self:
+            pass
+        return [self.result(i) for i in self.ids]
+
+    def result(self, request_id: str) -> Generation:
+        request, out = self.requests[request_id], self.finished[request_id]
+        memory, kind = peak_memory(self.engine.device)
+        first = request.first_token_at or request.finished_at
+        generated = len(self.tokens[request_id]) + (out.finish_reason == "stop")
+        decode_s = request.finished_at - first
+        stats = GenerationStats(
+            prompt_tokens=request.prompt_len,
+            new_tokens=len(self.tokens[request_id]),
+            time_to_first_token_s=first - request.arrival,
+            decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0,
+            total_s=request.finished_at - request.arrival,
+            peak_memory_bytes=memory,
+            memory_kind=kind,
+            cached_prompt_tokens=out.num_cached_tokens,
+        )
+        asked = request.params.logprobs is not None
+        return Generation(
+            "".join(self.text[request_id]), self.tokens[request_id], out.finish_reason or "length", stats,
+            self.logprobs[request_id] if asked else None, self.prompt_logprobs.get(request_id),
+        )  # fmt: skip
+
+
 class TextStream:
     """Iterates over text pieces as they are decoded; `result` holds the whole Generation once exhausted."""
 
-    def __init__(self, rows: Iterator[tuple[list[RowState], GenerationStats | None]]) -> None:
-        self._rows = rows
+    def __init__(self, run: Run) -> None:
+        self._run = run
         self.result: Generation | None = None
 
     def __iter__(self) -> Iterator[str]:
-        for (row,), stats in self._rows:
-            piece = row.take_piece()
-            if piece:
-                yield piece
-            if stats is not None:
-                self.result = Generation(row.text, row.token_ids, row.finish_reason or "length", stats)
+        (request_id,) = self._run.ids
+        for outputs in self._run:
+            for out in outputs:
+                if out.text:
+                    yield out.text
+        self.result = self._run.result(request_id)
 
 
 class LLM:
-    """A loaded model, its tokenizer and its generation defaults."""
+    """A loaded model, its tokenizer, its generation defaults, and the engine that runs every request on them.
 
-    def __init__(self, model: Qwen3, tokenizer: Tokenizer, generation_config: dict | None = None, compile: bool = False) -> None:
+    Engine options (kv_memory, max_running, max_batched_tokens, block_size, kernels) go to engine.Engine.
+    """
+
+    def __init__(
+        self, model: Qwen3, tokenizer: Tokenizer, generation_config: dict | None = None, compile: bool = False,
+        **engine_options: object,
+    ) -> None:  # fmt: skip
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.generation_config = generation_config or {}
-        self.engine = Engine(self.model, compile=compile)
         eos = self.generation_config.get("eos_token_id", [])
         eos = {eos} if isinstance(eos, int) else set(eos)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        default_new = self.generation_config.get("max_new_tokens") or FALLBACK_MAX_NEW_TOKENS
+        if self.model.embed_tokens.weight.device.type == "cpu":
+            huge_page_weights(self.model)
+        self.engine = Engine(
+            self.model, tokenizer, self.eos_token_ids, compile=compile, default_max_new_tokens=default_new, **engine_options
+        )
 
     @property
     def device(self) -> torch.device:
         return self.engine.device
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: frozenset[int]) -> None:
+        self._eos_token_ids = frozenset(ids)
+        if hasattr(self, "engine"):
+            self.engine.eos_ids = self._eos_token_ids
 
     def default_sampling(self) -> SamplingParams:
         """The checkpoint's own defaults (generation_config.json): greedy unless it says do_sample."""
@@ -120,50 +207,36 @@ class LLM:
             repetition_penalty=gen.get("repetition_penalty") or 1.0,
         )
 
-    def sampling_params(self, **overrides: float | int | None) -> SamplingParams:
+    def sampling_params(self, **overrides: object) -> SamplingParams:
         """Checkpoint defaults with the caller's non-None values on top."""
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(self.default_sampling(), **given)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except UnicodeEncodeError:
+                raise InvalidParameterError("the prompt is not valid Unicode text (it holds a lone surrogate).") from None
+        elif isinstance(prompt, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+            ids = list(prompt)
         else:
-            ids = [int(i) for i in prompt]
-            vocab = self.model.config.vocab_size
-            bad = [i for i in ids if not 0 <= i < vocab]
-            if bad:
-                raise InvalidParameterError(f"token id {bad[0]} is outside the vocabulary (0 to {vocab - 1}).")
+            raise InvalidParameterError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}.")
         if not ids:
             raise InvalidParameterError("the prompt is empty.")
         return ids
 
-    def _start(
-        self,
-        prompts: list[list[int]],
-        max_new_tokens: int | None,
-        stop: str | Sequence[str] | None,
-        sync_every: int,
-        sampling: dict,
-        ignore_eos: bool = False,
-    ) -> Iterator[tuple[list[RowState], GenerationStats | None]]:
-        params = self.sampling_params(**sampling)
-        if max_new_tokens is None:
-            max_new_tokens = self.generation_config.get("max_new_tokens") or FALLBACK_MAX_NEW_TOKENS
-        if max_new_tokens < 1:
-            raise InvalidParameterError(f"max_new_tokens must be >= 1, not {max_new_tokens}.")
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if any(not s for s in stops):
-            raise InvalidParameterError("a stop string must not be empty.")
-        context = self.model.config.max_position_embeddings
-        longest = max(map(len, prompts))
-        if longest + max_new_tokens > context:
-            raise ContextLengthError(
-                f"the prompt has {longest} tokens and max_new_tokens is {max_new_tokens}: together more than "
-                f"the model's context of {context} tokens."
-            )
-        eos = frozenset() if ignore_eos else self.eos_token_ids
-        return run_rows(self.engine, self.tokenizer, prompts, max_new_tokens, params, eos, stops, sync_every)
+    def start(self, prompts: list[list[int]], params: list[SamplingParams]) -> Run:
+        """Add every request to the engine (all or none: a refused one takes back the ones added before it)."""
+        added: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                added.append(self.engine.add_request(prompt, p))
+        except BaseException:
+            for request_id in added:
+                self.engine.abort(request_id)
+            raise
+        return Run(self, added)
 
     def generate(
         self,
@@ -175,34 +248,51 @@ class LLM:
         top_p: float | None = None,
         min_p: float | None = None,
         repetition_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         n: int = 1,
-        ignore_eos: bool = False,
+        ignore_eos: bool | None = None,
+        logprobs: int | None = None,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> Generation | list[Generation] | list[list[Generation]]:
-        """Generate for one prompt (text or token IDs), or for a list of them as one batch.
+        """Generate for one prompt (text or token IDs), or for a list of them, all through the engine at once.
 
-        With n > 1, each prompt gets n samples (rows of the same batch): a list for one prompt, a
-        list of lists for several. ignore_eos generates max_new_tokens whatever comes (benchmarks).
+        With n > 1, each prompt gets n samples (their own seeds, derived from `seed`): a list for one prompt, a list of
+        lists for several. params: SamplingParams for every prompt, or one per prompt, instead of the keywords
+        (a max_new_tokens left None there is the checkpoint's default). ignore_eos generates max_new_tokens whatever
+        comes (benchmarks).
         """
-        if n < 1:
-            raise InvalidParameterError(f"n must be >= 1, not {n}.")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidParameterError(f"n must be an integer >= 1, not {n!r}.")
         batched = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
-        prompts = [self.encode_prompt(p) for p in (prompt if batched else [prompt]) for _ in range(n)]
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-        for rows, stats in self._start(prompts, max_new_tokens, stop, 16, sampling, ignore_eos):
-            pass
-        results = [Generation(r.text, r.token_ids, r.finish_reason or "length", stats) for r in rows]
+        prompts = [self.encode_prompt(p) for p in (prompt if batched else [prompt])]
+        if params is None:
+            sampling = dict(
+                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed, stop=stop,
+                max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, logprobs=logprobs,
+            )  # fmt: skip
+            per_prompt = [self.sampling_params(**sampling)] * len(prompts)
+        else:
+            per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+            if len(per_prompt) != len(prompts) or not all(isinstance(p, SamplingParams) for p in per_prompt):
+                raise InvalidParameterError(f"params must be one SamplingParams or one per prompt ({len(prompts)}).")
+        requests = [(ids, sample_params(p, i)) for ids, p in zip(prompts, per_prompt) for i in range(n)]
+        results = self.start([ids for ids, _ in requests], [p for _, p in requests]).wait()
         if n > 1:
             results = [results[i : i + n] for i in range(0, len(results), n)]
         return results if batched else results[0]
 
-    def stream(self, prompt: Prompt, max_new_tokens: int | None = None, *, stop: str | Sequence[str] | None = None, **sampling: float | int | None) -> TextStream:
+    def stream(self, prompt: Prompt, max_new_tokens: int | None = None, *, stop: str | Sequence[str] | None = None, **sampling: object) -> TextStream:
         """Like generate, for one prompt, yielding text pieces as soon as they are final."""
-        return TextStream(self._start([self.encode_prompt(prompt)], max_new_tokens, stop, 1, sampling))
+        params = self.sampling_params(max_new_tokens=max_new_tokens, stop=stop, **sampling)
+        return TextStream(self.start([self.encode_prompt(prompt)], [params]))
 
     def chat_stream(self, messages: list[dict], enable_thinking: bool = True, max_new_tokens: int | None = None, **kwargs: object) -> "ChatStream":
-        """Stream the assistant's reply as ("reasoning" | "answer", text) pieces."""
+        """Stream the assistant's reply as ("reasoning" | "answer", text) pieces. A conversation resent with one more
+        turn finds its earlier turns in the prefix cache."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
         text = self.tokenizer.decode(prompt)
         opens_thinking = text.rfind(THINK_START) > text.rfind(THINK_END)  # the template may open the block itself
@@ -214,6 +304,13 @@ class LLM:
         for _ in stream:
             pass
         return stream.result
+
+
+def sample_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Sample `index` of n: the first keeps the seed, the others draw from seeds derived from it."""
+    if index == 0 or params.seed is None:
+        return params
+    return replace(params, seed=derive_seed(params.seed, index))
 
 
 class ChatStream:
@@ -243,10 +340,12 @@ def load(
     dtype: str | torch.dtype | None = None,
     compile: bool = False,
     quantization: str | None = None,
+    **engine_options: object,
 ) -> LLM:
     """Load a checkpoint folder, a Hub repo id, an alias ("base", "reasoning"), or a .gguf file (qwen3, qwen2).
 
     quantization="int8" stores the linear weights as int8 (per-channel scales), with bf16 activations by default.
+    engine_options: kv_memory (bytes or "8GiB"), max_running, max_batched_tokens, block_size, kernels (engine.Engine).
     """
     if str(model).lower().endswith(".gguf"):
         from . import gguf  # imports the gguf package, for .gguf files only
@@ -262,4 +361,4 @@ def load(
     weights = read_weights(checkpoint, device, dtype)
     if quantization:
         weights = quantize(weights, quantization)
-    return LLM(weights, tokenizer, checkpoint.generation_config, compile=compile)
+    return LLM(weights, tokenizer, checkpoint.generation_config, compile=compile, **engine_options)

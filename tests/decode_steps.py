@@ -1,15 +1,18 @@
-"""One decode step of one attention layer, with a decode-kernel module (kernels.py, cpu_kernels.py) or the PyTorch
-lines: what the kernel tests compare."""
+"""One decode step of one attention layer over a paged pool, with a decode-kernel module (kernels/gpu.py,
+kernels/cpu.py) or the reference lines (attention.PagedBatch.attend): what the kernel tests compare."""
 
 from __future__ import annotations
 
 from types import ModuleType
 
-import pytest
 import torch
 
 import qwen3gen
-from qwen3gen.model import Attention, KVCache, attention_mask, rotary_angles
+from qwen3gen.attention import AttentionBackend, PagedBatch
+from qwen3gen.model import Attention, rotary_angles
+
+BLOCK_SIZE = 16
+SEQ_LENS = [75, 17, 4]  # context after the step: 5 blocks (the last part-full), 2 (one slot in the second), 1
 
 
 def attention_config(shape: str) -> qwen3gen.Qwen3Config:
@@ -27,36 +30,59 @@ def attention_config(shape: str) -> qwen3gen.Qwen3Config:
     return cfg
 
 
-def attention_step(cfg: qwen3gen.Qwen3Config, dtype: torch.dtype, fused: ModuleType | None, monkeypatch: pytest.MonkeyPatch) -> tuple:
-    """One decode step over the first 75 of 80 cache slots (more than one 64-slot block, not a multiple of 8), with
-    left padding, the rest of the cache NaN (a kernel that reads past the mask poisons its output): (output, keys,
-    values). `fused` is the module whose new_token and decode_attention run, None for the model's PyTorch lines."""
+def paged_pool(cfg: qwen3gen.Qwen3Config, dtype: torch.dtype, seq_lens: list[int], poison: bool, num_blocks: int = 20) -> tuple:
+    """(keys, values [num_blocks, kv_heads, BLOCK_SIZE, head_dim], block tables [requests, blocks] int32, seq_lens
+    [requests] int32): each request's blocks scattered over the pool in shuffled order. With poison, every slot that no
+    request holds, and each request's last slot (where its new token goes), is NaN: a kernel that reads past a
+    request's context, or before writing, poisons its output. (The reference gathers padding slots and multiplies them
+    by zero weights, as a pool's stale, finite contents allow.)"""
+    torch.manual_seed(1)
+    shape = (num_blocks, cfg.num_key_value_heads, BLOCK_SIZE, cfg.head_dim)
+    k, v = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    order = (torch.randperm(num_blocks - 1) + 1).tolist()  # block 0 stays unused, as the engine's scratch block
+    width = max(-(-n // BLOCK_SIZE) for n in seq_lens)
+    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    held = torch.zeros(num_blocks, BLOCK_SIZE, dtype=torch.bool)
+    for row, n in enumerate(seq_lens):
+        for j in range(-(-n // BLOCK_SIZE)):
+            tables[row, j] = order.pop()
+        for slot in range(n - 1):
+            held[tables[row, slot // BLOCK_SIZE], slot % BLOCK_SIZE] = True
+    for cache in (k, v) if poison else ():
+        cache.masked_fill_(~held[:, None, :, None], float("nan"))
+    return k, v, tables, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+def attention_step(cfg: qwen3gen.Qwen3Config, dtype: torch.dtype, kernels: ModuleType | None) -> tuple:
+    """One decode step of three requests (SEQ_LENS) over a paged pool: (output, keys, values). `kernels` is the module
+    whose new_token and decode_attention run (over a poisoned pool), None for the reference lines."""
     torch.manual_seed(0)
-    attn = Attention(cfg).to(dtype)
+    attn = Attention(cfg, 0).to(dtype)
     for norm in (attn.q_norm, attn.k_norm):
         if not isinstance(norm, torch.nn.Identity):
             torch.nn.init.normal_(norm.weight, 1.0, 0.5)
-    batch, slots, keys, slot = 3, 80, 75, 70
-    attn.kv_cache = KVCache(batch, slots, cfg.num_key_value_heads, cfg.head_dim, dtype, torch.device("cpu"))
-    for cache in (attn.kv_cache.k, attn.kv_cache.v):
-        cache.normal_()[:, :, keys:] = float("nan")
-    pad = torch.tensor([0, 5, 66])  # the last row's only cached tokens are slots 66-69
-    input_pos = torch.tensor([slot])
-    positions = (input_pos[None, :] - pad[:, None]).clamp(min=0)
-    rope = rotary_angles(positions, cfg.head_dim, cfg.rope_theta, dtype)
-    mask = attention_mask(input_pos, keys, pad, dtype)
-    x = torch.randn(batch, 1, cfg.hidden_size, dtype=dtype)
-    monkeypatch.setattr(qwen3gen.model, "decode_kernels", lambda device: fused)
+    k_cache, v_cache, tables, seq_lens = paged_pool(cfg, dtype, SEQ_LENS, poison=kernels is not None)
+    positions = seq_lens.long() - 1
+    slots = tables.long().gather(1, (positions // BLOCK_SIZE)[:, None])[:, 0] * BLOCK_SIZE + positions % BLOCK_SIZE
+    batch = PagedBatch(
+        AttentionBackend(kernels, fold=True), [(k_cache, v_cache)], slots, torch.ones_like(seq_lens), seq_lens, tables,
+        max_query_len=1, max_seq_len=max(SEQ_LENS), dtype=dtype,
+    )  # fmt: skip
+    rope = rotary_angles(positions[None], cfg.head_dim, cfg.rope_theta, dtype)
+    x = torch.randn(1, len(SEQ_LENS), cfg.hidden_size, dtype=dtype)
     with torch.no_grad():
-        out = attn(x, rope, mask, input_pos)
-    return out, attn.kv_cache.k.clone(), attn.kv_cache.v.clone()
+        out = attn(x, rope, batch)
+    return out, k_cache, v_cache
 
 
 def assert_same_step(fused: tuple, reference: tuple, dtype: torch.dtype) -> None:
-    """Output and caches equal, float32 to rounding, bf16 and fp16 to a few steps of their precision (the kernels sum
-    in another order); the new key went to slot 70 and nowhere else."""
+    """Output and pools equal, float32 to rounding, bf16 and fp16 to a few steps of their precision (the kernels sum
+    in another order); in the kernels' poisoned pool, exactly the requests' slots are not NaN (the new keys and values
+    went to their slots and nowhere else)."""
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
     assert torch.isfinite(fused[0]).all()
-    for ours, theirs in zip(fused, reference):
-        torch.testing.assert_close(ours, theirs, equal_nan=True, **tolerance)
-    assert torch.equal(fused[1][:, :, :70], reference[1][:, :, :70])
+    torch.testing.assert_close(fused[0], reference[0], **tolerance)
+    held = ~torch.isnan(fused[1])
+    assert torch.equal(held, ~torch.isnan(fused[2])) and held.sum() == sum(SEQ_LENS) * fused[1][0, :, 0].numel()
+    for ours, theirs in zip(fused[1:], reference[1:]):
+        torch.testing.assert_close(ours[held], theirs[held], **tolerance)

@@ -1,5 +1,5 @@
-"""The CPU decode step's kernels (cpu_kernels.c, built by cpu_kernels.py) against the model's own PyTorch lines, and the
-2 MiB-page weight block."""
+"""The CPU decode step's kernels (kernels/cpu.c, built by kernels/cpu.py) against the model's own PyTorch lines and the
+paged attention's reference, and the 2 MiB-page weight block."""
 
 import pytest
 import torch
@@ -9,8 +9,9 @@ from decode_steps import assert_same_step, attention_config, attention_step
 import qwen3gen
 import qwen3gen.bench
 import qwen3gen.quantize
-from qwen3gen import cpu_kernels
-from qwen3gen.model import RMSNorm
+from qwen3gen.attention import AttentionBackend, PagedBatch, choose_backend
+from qwen3gen.kernels import cpu
+from qwen3gen.model import RMSNorm, rotary_angles
 
 CPU = torch.device("cpu")
 
@@ -26,14 +27,14 @@ def tiny_config(**overrides: object) -> qwen3gen.Qwen3Config:
 
 def test_the_kernel_is_built_on_this_machine():
     """On x86-64 with AVX2 (this machine and CI) the kernel must build: a silent fallback would hide a broken build."""
-    if cpu_kernels.cpu_supported():
-        assert cpu_kernels.available(CPU), cpu_kernels.unavailable_reason()
+    if cpu.cpu_supported():
+        assert cpu.available(CPU), cpu.unavailable_reason()
     else:
-        assert not cpu_kernels.available(CPU) and cpu_kernels.unavailable_reason()
-    assert not cpu_kernels.available(torch.device("meta"))
+        assert not cpu.available(CPU) and cpu.unavailable_reason()
+    assert not cpu.available(torch.device("meta"))
 
 
-requires_kernel = pytest.mark.skipif(not cpu_kernels.available(CPU), reason="no AVX2 here: test_the_kernel_is_built_on_this_machine says why")
+requires_kernel = pytest.mark.skipif(not cpu.available(CPU), reason="no AVX2 here: test_the_kernel_is_built_on_this_machine says why")
 
 
 @requires_kernel
@@ -66,7 +67,7 @@ def test_matvec_matches_pytorch(case, dtype):
     if "residual" in case:
         kwargs.update(residual=torch.randn(1, 1, n, dtype=dtype))
         expected = kwargs["residual"].float() + expected.to(dtype).float()
-    out = cpu_kernels.matvec(
+    out = cpu.matvec(
         x, weight, scale, kwargs.get("bias"), kwargs.get("norm_weight"), kwargs.get("eps", 0.0), kwargs.get("residual"),
         kwargs.get("swiglu", False),
     )  # fmt: skip
@@ -78,61 +79,105 @@ def test_matvec_matches_pytorch(case, dtype):
 @requires_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", ["qwen3", "qwen3-group5", "qwen2"])
-def test_attention_kernels_match_the_model(shape, dtype, monkeypatch):
-    """new_token (q/k norm, rotation, cache writes) and decode_attention over 75 slots with left padding, for three
-    rows at once: the same output and caches as the model's lines, which never read past the mask either."""
+def test_attention_kernels_match_the_model(shape, dtype):
+    """new_token (q/k norm, rotation, pool writes) and decode_attention for three requests of 75, 17 and 4 slots over
+    a shuffled paged pool whose other slots are NaN: the same output and pool as the reference lines."""
     cfg = attention_config(shape)
-    assert_same_step(attention_step(cfg, dtype, cpu_kernels, monkeypatch), attention_step(cfg, dtype, None, monkeypatch), dtype)
+    assert_same_step(attention_step(cfg, dtype, cpu), attention_step(cfg, dtype, None), dtype)
+
+
+def scattered_pool(lengths: list[int], kv_heads: int, dim: int, block_size: int, spare: int = 3) -> tuple:
+    """(keys, values, block tables [rows, blocks] int32, seq_lens int32): each row's blocks in shuffled order over a
+    pool with spare blocks no row holds; every slot no row holds is NaN and every table entry past a row's blocks -1
+    (the kernel must read neither). The table is a view of a wider one: its rows lie apart."""
+    torch.manual_seed(0)
+    counts = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(counts) + spare
+    k, v = torch.randn(num_blocks, kv_heads, block_size, dim) * 3, torch.randn(num_blocks, kv_heads, block_size, dim)
+    order = torch.randperm(num_blocks).tolist()
+    wide = torch.full((len(lengths), max(counts) + 5), -1, dtype=torch.int32)
+    held = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    for row, (n, count) in enumerate(zip(lengths, counts)):
+        for j in range(count):
+            wide[row, j] = order.pop()
+        for slot in range(n):
+            held[wide[row, slot // block_size], slot % block_size] = True
+    for cache in (k, v):
+        cache.masked_fill_(~held[:, None, :, None], float("nan"))
+    return k, v, wide[:, : max(counts)], torch.tensor(lengths, dtype=torch.int32)
+
+
+def gathered_attention(q, k_cache, v_cache, tables, seq_lens):  # noqa: ANN001, ANN201
+    """The reference: each row's context gathered from the pool in order, then SDPA."""
+    size, outs = k_cache.shape[2], []
+    for row, n in enumerate(seq_lens.tolist()):
+        j = torch.arange(n)
+        blocks, offsets = tables[row].long()[j // size], j % size
+        keys, values = k_cache[blocks, :, offsets].transpose(0, 1)[None], v_cache[blocks, :, offsets].transpose(0, 1)[None]
+        outs.append(F.scaled_dot_product_attention(q[row : row + 1], keys, values, enable_gqa=True))
+    return torch.cat(outs)
 
 
 @requires_kernel
-def test_decode_attention_over_a_long_cache():
-    """Thousands of slots, half of them masked, scores spread wide (softmax weights from 1 down to underflow): SDPA's
-    numbers, float32."""
-    torch.manual_seed(0)
-    keys = 3001
-    q, k, v = torch.randn(2, 16, 1, 64) * 3, torch.randn(2, 8, keys + 7, 64) * 3, torch.randn(2, 8, keys + 7, 64)
-    mask = torch.zeros(2, 1, 1, keys).masked_fill_(torch.rand(2, 1, 1, keys) < 0.5, float("-inf"))
-    mask[..., 7] = 0.0  # every row sees at least one slot
-    expected = F.scaled_dot_product_attention(q, k[:, :, :keys], v[:, :, :keys], attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(cpu_kernels.decode_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)
+def test_decode_attention_over_rows_of_very_different_lengths():
+    """Rows of 3001 slots (scores spread wide: softmax weights from 1 down to underflow), 1, exactly three blocks, and
+    37, in one call over a NaN-poisoned pool through a strided block table: SDPA's numbers over each row's own
+    context, float32; nothing past a row's length, nor in another row's blocks, is read."""
+    lengths, block_size = [3001, 1, 3 * 16, 37], 16
+    k, v, tables, seq_lens = scattered_pool(lengths, kv_heads=8, dim=64, block_size=block_size)
+    assert tables.stride(0) != tables.shape[1]
+    q = torch.randn(len(lengths), 16, 1, 64) * 3
+    out = cpu.decode_attention(q, k, v, tables, seq_lens)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, gathered_attention(q, k, v, tables, seq_lens), atol=1e-5, rtol=1e-5)
+    for row in range(len(lengths)):  # each row alone, through its own table: the same numbers
+        alone = cpu.decode_attention(q[row : row + 1], k, v, tables[row : row + 1], seq_lens[row : row + 1])
+        torch.testing.assert_close(alone, out[row : row + 1], atol=0, rtol=0)
 
 
 @requires_kernel
 def test_the_kernels_refuse_what_would_reach_outside_their_tensors():
-    """A slot past the cache, more keys than slots, an input of the wrong size, mixed types: an exception, never a
-    write or read outside the tensors."""
-    cache = torch.zeros(1, 2, 8, 32)
-    qkv, cos, sin, weight = torch.zeros(1, 1, 256), torch.ones(1, 1, 1, 16), torch.zeros(1, 1, 1, 16), torch.ones(32)
-    with pytest.raises(IndexError):
-        cpu_kernels.new_token(qkv, weight, weight, cos, sin, torch.tensor([8]), cache, cache.clone(), 4, 1e-6, True)
+    """A slot outside the pool, a length past the block table or of 0, a used block id outside the pool, inputs of the
+    wrong size, mixed types: an exception, never a write or read outside the tensors (nor a partial write)."""
+    pool = torch.zeros(3, 2, 4, 32)  # 3 blocks of 4 slots
+    qkv, cos, sin, weight = torch.zeros(2, 1, 256), torch.ones(2, 1, 1, 16), torch.zeros(2, 1, 1, 16), torch.ones(32)
+    for slots in ([0, 12], [-1, 0]):
+        k_cache, v_cache = pool.clone(), pool.clone()
+        with pytest.raises(IndexError):
+            cpu.new_token(qkv + 1, weight, weight, cos, sin, torch.tensor(slots), k_cache, v_cache, 4, 1e-6, True)
+        assert not k_cache.any() and not v_cache.any()  # the good row was not written either
+    with pytest.raises(ValueError):  # one slot for two rows
+        cpu.new_token(qkv, weight, weight, cos, sin, torch.tensor([0]), pool, pool.clone(), 4, 1e-6, True)
+    with pytest.raises(ValueError):  # one row's angles for two rows
+        cpu.new_token(qkv, weight, weight, cos[:1], sin[:1], torch.tensor([0, 1]), pool, pool.clone(), 4, 1e-6, True)
+    with pytest.raises(ValueError):  # q/k/v for 8 + 2 x 2 heads on a 4-head layer
+        cpu.new_token(torch.zeros(2, 1, 384), weight, weight, cos, sin, torch.tensor([0, 1]), pool, pool.clone(), 4, 1e-6, True)
     with pytest.raises(TypeError):
-        cpu_kernels.new_token(qkv, weight, weight, cos, sin, torch.tensor([7]), cache.bfloat16(), cache.bfloat16(), 4, 1e-6, True)
-    with pytest.raises(IndexError):
-        cpu_kernels.decode_attention(torch.zeros(1, 4, 1, 32), cache, cache, torch.zeros(1, 1, 1, 9))
+        cpu.new_token(qkv, weight, weight, cos, sin, torch.tensor([0, 1]), pool.bfloat16(), pool.bfloat16(), 4, 1e-6, True)
+    q, tables = torch.zeros(2, 4, 1, 32), torch.tensor([[0, 1], [2, -1]], dtype=torch.int32)
+    assert torch.equal(cpu.decode_attention(q, pool, pool, tables, torch.tensor([8, 4], dtype=torch.int32)), q)  # -1 unused
+    for lengths in ([8, 5], [0, 4], [9, 1]):  # row 1 reaches its -1; an empty row; past the table's 2 x 4 slots
+        with pytest.raises(IndexError):
+            cpu.decode_attention(q, pool, pool, tables, torch.tensor(lengths, dtype=torch.int32))
+    with pytest.raises(IndexError):  # block 3 of 3
+        cpu.decode_attention(q, pool, pool, torch.tensor([[0, 3], [2, 1]], dtype=torch.int32), torch.tensor([5, 4], dtype=torch.int32))
+    with pytest.raises(ValueError):  # one length for two rows
+        cpu.decode_attention(q, pool, pool, tables, torch.tensor([4], dtype=torch.int32))
+    with pytest.raises(ValueError):  # head size 16 over a pool of 32
+        cpu.decode_attention(torch.zeros(2, 4, 1, 16), pool, pool, tables, torch.tensor([4, 4], dtype=torch.int32))
     with pytest.raises(ValueError):
-        cpu_kernels.matvec(torch.zeros(1, 1, 31), torch.zeros(5, 32), None, None, None, 0.0, None, False)
+        cpu.matvec(torch.zeros(1, 1, 31), torch.zeros(5, 32), None, None, None, 0.0, None, False)
     with pytest.raises(TypeError):
-        cpu_kernels.matvec(torch.zeros(1, 1, 32), torch.zeros(32, 5).t(), None, None, None, 0.0, None, False)
+        cpu.matvec(torch.zeros(1, 1, 32), torch.zeros(32, 5).t(), None, None, None, 0.0, None, False)
 
 
-def decode_logits(model: qwen3gen.Qwen3, fused: bool, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
-    """Logits of a prefill, then of three one-token decode steps, with the kernel on or off."""
-    monkeypatch.setattr(cpu_kernels, "available", lambda device: fused)
-    model.setup_cache(1, 32)
-    prompt = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        logits = [model(prompt, torch.arange(9))[:, -1:]]
-        for i, token in enumerate([5, 17, 3]):
-            logits.append(model(torch.tensor([[token]]), torch.tensor([9 + i])))
-    return torch.cat(logits, dim=1)
+BLOCK = 4  # the model tests' pool: small blocks, so a dozen tokens cross several
+TABLE = [5, 2, 7, 1]  # the request's blocks, out of order, in a pool of 8
 
 
-@requires_kernel
-@pytest.mark.parametrize("variant", ["tied", "untied", "int8", "qwen2"])
-def test_decode_steps_with_the_kernel_equal_the_pytorch_lines(variant, monkeypatch):
-    """Block.decode_one_token (norms, SwiGLU and residual adds inside the products) and the output head with the final
-    norm inside, against Block.forward and Qwen3.forward's lines, float32."""
+def random_weights(variant: str) -> qwen3gen.Qwen3:
+    """A tiny float32 model with norms and biases far from 1 and 0; untied, Qwen2 (q/k/v biases, no q/k norms) or
+    int8 (every linear layer, and the tied head, quantized) as variant says."""
     overrides = {"untied": dict(tie_word_embeddings=False), "qwen2": dict(qk_norm=False, attention_bias=True)}
     model = qwen3gen.bench.random_model(tiny_config(**overrides.get(variant, {})), CPU, torch.float32)
     with torch.no_grad():
@@ -141,39 +186,78 @@ def test_decode_steps_with_the_kernel_equal_the_pytorch_lines(variant, monkeypat
                 torch.nn.init.normal_(param, 1.0, 0.5)
     if variant == "int8":
         qwen3gen.quantize.quantize(model, "int8")
-    reference = decode_logits(model, False, monkeypatch)
-    fused = decode_logits(model, True, monkeypatch)
-    torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
+    return model
+
+
+def one_request(kernels, caches, positions: list[int]) -> PagedBatch:  # noqa: ANN001
+    """The PagedBatch of one request (blocks TABLE) whose new tokens sit at positions (its last ones)."""
+    slots = torch.tensor([TABLE[p // BLOCK] * BLOCK + p % BLOCK for p in positions])
+    return PagedBatch(
+        AttentionBackend(kernels, fold=True), caches, slots, torch.tensor([len(positions)], dtype=torch.int32),
+        torch.tensor([positions[-1] + 1], dtype=torch.int32), torch.tensor([TABLE], dtype=torch.int32),
+        max_query_len=len(positions), max_seq_len=positions[-1] + 1, dtype=torch.float32,
+    )  # fmt: skip
+
+
+@requires_kernel
+@pytest.mark.parametrize("variant", ["qwen3", "int8", "qwen2"])
+def test_a_decode_block_with_the_kernels_equals_the_reference(variant):
+    """Block.decode_one_token (the four products with norms, SwiGLU and residual adds inside; new_token;
+    decode_attention) for one token at slot 10 of a request over 3 shuffled blocks, against Block.forward's reference
+    lines on an identical copy of the pool: the same output and pool, float32."""
+    model = random_weights(variant)
+    cfg, block = model.config, model.layers[0]
+    torch.manual_seed(2)
+    pool = torch.randn(2, 8, cfg.num_key_value_heads, BLOCK, cfg.head_dim)
+    x = torch.randn(1, 1, cfg.hidden_size)
+    rope = rotary_angles(torch.tensor([[10]]), cfg.head_dim, cfg.rope_theta, torch.float32)
+    outputs = []
+    for kernels in (cpu, None):
+        caches = [(pool[0].clone(), pool[1].clone())]
+        with torch.no_grad():
+            outputs.append((block(x, rope, one_request(kernels, caches, [10])), *caches[0]))
+    for ours, theirs in zip(*outputs):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(outputs[0][1], pool[0])  # the new key went in
+
+
+@requires_kernel
+@pytest.mark.parametrize("variant", ["tied", "untied", "int8", "qwen2"])
+def test_decode_steps_with_the_kernels_equal_the_reference(variant):
+    """A 9-token prefill into the pool, then three one-token decode steps through Qwen3.forward with the kernels (every
+    block's decode_one_token, and the output head through matvec with the final norm inside: FUSED_HEAD) and without:
+    the same logits, float32."""
+    model = random_weights(variant)
+    cfg = model.config
+    shape = (8, cfg.num_key_value_heads, BLOCK, cfg.head_dim)
+    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in model.layers]
+    prompt = torch.randint(0, cfg.vocab_size, (9,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(prompt, torch.arange(9), one_request(None, caches, list(range(9))))
+    logits = []
+    for kernels in (cpu, None):
+        pool = [(k.clone(), v.clone()) for k, v in caches]
+        steps = []
+        for i, token in enumerate([5, 17, 3]):
+            with torch.no_grad():
+                steps.append(model(torch.tensor([token]), torch.tensor([9 + i]), one_request(kernels, pool, [9 + i])))
+        logits.append(torch.cat(steps))
+    assert logits[0].shape == (3, cfg.vocab_size)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
 
 
 @requires_kernel
 def test_compiled_decode_uses_the_kernel_without_graph_breaks():
     """The kernels are custom ops: a compiled block calls them inside its one graph."""
     model = qwen3gen.bench.random_model(tiny_config(), CPU, torch.float32)
-    model.setup_cache(1, 32)
-    block = model.layers[0]
-    x, mask, rope = torch.randn(1, 1, 64), torch.zeros(1, 1, 1, 32), model.step_inputs(torch.tensor([3]), torch.zeros(1, dtype=torch.long), 32, torch.float32)[1]
-    explanation = torch._dynamo.explain(block)(x, rope, mask, torch.tensor([3]))
+    cfg = model.config
+    shape = (8, cfg.num_key_value_heads, BLOCK, cfg.head_dim)
+    batch = one_request(cpu, [(torch.zeros(shape), torch.zeros(shape)) for _ in model.layers], [3])
+    x, rope = torch.randn(1, 1, cfg.hidden_size), rotary_angles(torch.tensor([[3]]), cfg.head_dim, cfg.rope_theta, torch.float32)
+    explanation = torch._dynamo.explain(model.layers[0])(x, rope, batch)
     assert explanation.graph_break_count == 0
     graph = str(explanation.graphs[0].graph)
     assert all(f"qwen3gen.cpu_{op}" in graph for op in ("matvec", "new_token", "decode_attention"))
-
-
-@requires_kernel
-def test_a_compiled_cpu_engine_compiles_prefill_only():
-    """With the kernels, a decode step is all kernel calls: a compiled engine runs it eagerly (dynamo's guards and the
-    op dispatcher would only add time) and compiles its prefill."""
-    from qwen3gen.generate import Engine
-
-    counters = torch._dynamo.utils.counters["stats"]
-    engine = Engine(qwen3gen.bench.random_model(tiny_config(), CPU, torch.float32), compile=True)
-    engine.ensure_cache(1, 48)
-    pad, graphs = torch.zeros(1, dtype=torch.long), counters["unique_graphs"]
-    with torch.inference_mode():
-        engine.step(torch.tensor([[5]]), torch.tensor([3]), pad, 64)
-        assert counters["unique_graphs"] == graphs
-        engine.step(torch.zeros(1, 16, dtype=torch.long), torch.arange(16), pad, 64)
-    assert counters["unique_graphs"] > graphs
 
 
 def test_huge_page_weights_moves_every_tensor_and_keeps_ties():
@@ -182,7 +266,7 @@ def test_huge_page_weights_moves_every_tensor_and_keeps_ties():
     model = qwen3gen.bench.random_model(tiny_config(), CPU, torch.bfloat16)
     qwen3gen.quantize.quantize(model, "int8")
     before = {name: t.clone() for name, t in model.state_dict().items()}
-    cpu_kernels.huge_page_weights(model)
+    cpu.huge_page_weights(model)
     after = model.state_dict()
     assert before.keys() == after.keys()
     for name, t in before.items():
@@ -193,27 +277,26 @@ def test_huge_page_weights_moves_every_tensor_and_keeps_ties():
         assert addresses[-1] - addresses[0] < 2 * sum(t.numel() * t.element_size() for t in after.values())  # one block
     assert isinstance(model.embed_tokens.weight, torch.nn.Parameter)
     snapshot = [t.data_ptr() for t in model.state_dict().values()]
-    cpu_kernels.huge_page_weights(model)
+    cpu.huge_page_weights(model)
     assert [t.data_ptr() for t in model.state_dict().values()] == snapshot
 
 
 def test_a_failed_build_leaves_the_pytorch_lines_and_no_file(tmp_path, monkeypatch):
-    """A compiler that fails: the kernel is unavailable with the compiler's reason, the model decodes with its PyTorch
-    lines, and nothing half-built is left in the cache."""
+    """A compiler that fails: the kernel is unavailable with the compiler's reason, the backend chosen for the CPU is
+    the reference, the model runs its PyTorch lines, and nothing half-built is left in the cache."""
     monkeypatch.setenv("QWEN3GEN_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")
-    cpu_kernels._library.cache_clear()
+    cpu._library.cache_clear()
     try:
-        if cpu_kernels.cpu_supported():
-            assert not cpu_kernels.available(CPU)
-            assert "could not build the CPU kernel" in cpu_kernels.unavailable_reason()
+        if cpu.cpu_supported():
+            assert not cpu.available(CPU)
+            assert "could not build the CPU kernel" in cpu.unavailable_reason()
         assert list(tmp_path.iterdir()) == []
+        assert choose_backend(CPU).kernels is None
         model = qwen3gen.bench.random_model(tiny_config(), CPU, torch.float32)
-        model.setup_cache(1, 16)
         with torch.no_grad():
-            model(torch.tensor([[1, 2]]), torch.arange(2))
-            assert torch.isfinite(model(torch.tensor([[3]]), torch.tensor([2]))).all()
+            assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
     finally:
         monkeypatch.undo()
-        cpu_kernels._library.cache_clear()
-    assert cpu_kernels.available(CPU) == (cpu_kernels.unavailable_reason() == "")
+        cpu._library.cache_clear()
+    assert cpu.available(CPU) == (cpu.unavailable_reason() == "")

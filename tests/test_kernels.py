@@ -1,25 +1,59 @@
-"""The CUDA decode kernels, run on CPU tensors through Triton's interpreter (conftest sets
-TRITON_INTERPRET=1), against the model's own PyTorch lines."""
+"""The CUDA decode kernels (kernels/gpu.py), run on CPU tensors through Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), against the model's own PyTorch lines over a paged pool."""
 
 import pytest
 import torch
-from decode_steps import assert_same_step, attention_config, attention_step
+from decode_steps import BLOCK_SIZE, assert_same_step, attention_config, attention_step, paged_pool
 
 import qwen3gen
 import qwen3gen.bench
 import qwen3gen.quantize
-from qwen3gen import kernels
+from qwen3gen.attention import AttentionBackend, PagedBatch
+from qwen3gen.kernels import gpu
+from qwen3gen.model import rotary_angles
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", ["qwen3", "qwen3-group5", "qwen2"])
-def test_new_token_kernel_matches_the_model(shape, dtype, monkeypatch):
-    """Attention with the new_token kernel (q/k norm, rotation, cache writes) and decode_attention (two 64-slot blocks,
-    the first all padding for the last row) equals the model's lines (the kernel rounds where the eager lines round,
-    but computes the rotation in float32)."""
-    assert kernels.triton is not None, "the kernel tests need triton (pip install -e '.[test]')"
+def test_new_token_kernel_matches_the_model(shape, dtype):
+    """Attention with the new_token kernel (q/k norm, rotation, writes to each row's pool slot) and decode_attention
+    (three rows of 75, 17 and 4 slots over shuffled pool blocks) equals the model's lines (the kernel rounds where the
+    eager lines round, but computes the rotation in float32)."""
+    assert gpu.triton is not None, "the kernel tests need triton (pip install -e '.[test]')"
     cfg = attention_config(shape)
-    assert_same_step(attention_step(cfg, dtype, kernels, monkeypatch), attention_step(cfg, dtype, None, monkeypatch), dtype)
+    assert_same_step(attention_step(cfg, dtype, gpu), attention_step(cfg, dtype, None), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [BLOCK_SIZE, 12])
+def test_decode_attention_over_contexts_of_any_length(block_size, dtype):
+    """Rows of 600 slots (past the old kernel's 512), 1, two full blocks, 45 and 0 (a padding row: zeros), in one
+    launch, their blocks shuffled over a pool whose every slot outside the contexts is NaN: each row sees exactly its
+    own slots. Block size 12: the kernel's 64-slot tiles gather from blocks of any size."""
+    cfg = attention_config("qwen3-group5")
+    lengths = [600, 1, 2 * block_size, 45, 0]
+    torch.manual_seed(2)
+    held = [-(-n // block_size) for n in lengths]
+    order = (torch.randperm(sum(held)) + 1).tolist()  # block 0 unused, as the engine's scratch block
+    tables = torch.zeros(len(lengths), max(held), dtype=torch.int32)
+    shape = (sum(held) + 1, cfg.num_key_value_heads, block_size, cfg.head_dim)
+    k_cache, v_cache = torch.full(shape, float("nan"), dtype=dtype), torch.full(shape, float("nan"), dtype=dtype)
+    contexts = []
+    for row, n in enumerate(lengths):
+        tables[row, : held[row]] = torch.tensor(order[: held[row]], dtype=torch.int32)
+        del order[: held[row]]
+        j = torch.arange(n)
+        at = tables[row].long()[j // block_size], slice(None), j % block_size
+        k_cache[at] = torch.randn(n, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype)
+        v_cache[at] = torch.randn(n, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype)
+        contexts.append([cache[at].transpose(0, 1)[None].double() for cache in (k_cache, v_cache)])  # [1, kv_heads, n, dim]
+    q = torch.randn(len(lengths), cfg.num_attention_heads, 1, cfg.head_dim, dtype=dtype)
+    out = gpu.decode_attention(q, k_cache, v_cache, tables, torch.tensor(lengths, dtype=torch.int32))
+    assert torch.isfinite(out).all() and torch.equal(out[-1], torch.zeros_like(out[-1]))
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.02)
+    for row, (keys, values) in enumerate(contexts[:-1]):
+        expected = torch.nn.functional.scaled_dot_product_attention(q[row : row + 1].double(), keys, values, enable_gqa=True)
+        torch.testing.assert_close(out[row : row + 1].double(), expected, **tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -53,7 +87,7 @@ def test_matvec_matches_pytorch(case, dtype):
         expected = torch.nn.functional.linear(inputs, weight, kwargs.get("bias"))
     if "residual" in case:
         expected = kwargs["residual"] + expected
-    out = kernels.matvec(
+    out = gpu.matvec(
         x, weight, scale, kwargs.get("bias"), kwargs.get("norm_weight"), kwargs.get("eps", 0.0), kwargs.get("residual"),
         kwargs.get("swiglu", False),
     )  # fmt: skip
@@ -62,8 +96,10 @@ def test_matvec_matches_pytorch(case, dtype):
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-def test_block_decodes_one_token_with_the_kernels(quantized, monkeypatch):
-    """Block.decode_one_token (norms, SwiGLU and residual adds inside the products) equals Block.forward's lines."""
+def test_block_decodes_one_token_with_the_kernels(quantized):
+    """Block.decode_one_token (norms, SwiGLU and residual adds inside the products, new_token and decode_attention
+    over the pool) equals Block.forward's lines, for one request with 20 slots of context (two pool blocks), on
+    identical copies of the pool: the same output, and the same new key and value at the request's slot."""
     cfg = qwen3gen.Qwen3Config(
         vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
         intermediate_size=96, max_position_embeddings=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
@@ -76,25 +112,22 @@ def test_block_decodes_one_token_with_the_kernels(quantized, monkeypatch):
             torch.nn.init.normal_(param, 1.0, 0.5)
     if quantized:
         qwen3gen.quantize.quantize(model, "int8")
-    model.setup_cache(1, 80)
-    prompt = torch.randint(0, 64, (1, 9))
-    logits = []
-    for fused in (None, kernels):  # the reference: the PyTorch lines
-        monkeypatch.setattr(qwen3gen.model, "decode_kernels", lambda device: fused)
+    block = model.layers[0]
+    k_cache, v_cache, tables, seq_lens = paged_pool(cfg, torch.float32, [20], poison=False)
+    position = seq_lens.long() - 1
+    slots = tables[0, position // BLOCK_SIZE].long() * BLOCK_SIZE + position % BLOCK_SIZE
+    rope = rotary_angles(position[None], cfg.head_dim, cfg.rope_theta, torch.float32)
+    x = torch.randn(1, 1, cfg.hidden_size)
+    outs, pools = [], []
+    for kernels in (None, gpu):  # the reference: the PyTorch lines
+        pool = (k_cache.clone(), v_cache.clone())
+        batch = PagedBatch(
+            AttentionBackend(kernels, fold=True), [pool], slots, torch.ones_like(seq_lens), seq_lens, tables,
+            max_query_len=1, max_seq_len=20, dtype=torch.float32,
+        )  # fmt: skip
         with torch.no_grad():
-            model(prompt, torch.arange(9))
-            logits.append(model(torch.tensor([[5]]), torch.tensor([9])))
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
-
-
-def test_greedy_with_the_kernels_equals_transformers(tiny_llm, tiny_hf, monkeypatch):
-    """The whole decode path as it runs on CUDA (kernels on), here on CPU tensors, one row and a batch of two."""
-    monkeypatch.setattr(qwen3gen.model, "decode_kernels", lambda device: kernels)
-    prompts = ["Explain large language models.", "Hi"]
-    ours = [r.token_ids for r in tiny_llm.generate(prompts, max_new_tokens=8, temperature=0.0, ignore_eos=True)]
-    single = tiny_llm.generate(prompts[0], max_new_tokens=8, temperature=0.0, ignore_eos=True).token_ids
-    ids = torch.tensor([tiny_llm.tokenizer.encode(prompts[0])])
-    with torch.no_grad():
-        expected = tiny_hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)[0, ids.shape[1] :].tolist()
-    assert single == expected
-    assert ours[0] == expected
+            outs.append(block(x, rope, batch))
+        pools.append(pool)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    for ours, theirs in zip(pools[1], pools[0]):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

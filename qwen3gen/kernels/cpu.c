@@ -1,11 +1,11 @@
-/* The CPU decode step's kernels, for x86-64 with AVX2 and FMA (cpu_kernels.py builds them and states their contracts).
+/* The CPU decode step's kernels, for x86-64 with AVX2 and FMA (cpu.py builds them and states their contracts).
 
    qwen3gen_matvec: out = residual + W @ input * scale + bias, where input is x, RMSNorm(x) or SwiGLU(x) = silu(gate) *
    up, rounded to the activations' type where the model's PyTorch lines round. W [n, k] is float32, bfloat16, float16
    or int8 (with a float scale per row). Each thread walks whole rows in order, so the weights stream through memory
    front to back: at batch 1, where every weight is read once per token, those reads are most of a step.
-   qwen3gen_new_token and qwen3gen_decode_attention: one new token's attention (q/k norm, rotation, cache writes; then
-   attention over the cache), where PyTorch takes some twenty small ops a layer. */
+   qwen3gen_new_token and qwen3gen_decode_attention: one new token per row's attention (q/k norm, rotation, writes to
+   the paged KV pool; then attention over the row's blocks), where PyTorch takes some twenty small ops a layer. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 }; /* cpu_kernels.TYPES */
+enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 }; /* cpu.TYPES */
 
 static float load_one(const void *p, int type, long i) {
     switch (type) {
@@ -255,54 +255,74 @@ static void norm_rotate(const void *x, int type, long at, const void *weight, fl
     }
 }
 
-/* qkv [batch, (heads + 2 kv_heads) * dim] -> q [batch, heads, dim] normed and rotated; the key (normed and rotated)
-   and the value written to the caches [batch, kv_heads, slots, dim] at slot. */
-void qwen3gen_new_token(const void *qkv, int type, long qkv_row_stride, const void *q_weight, const void *k_weight, float eps,
-                        const void *cos, const void *sin, long rope_row_stride, long slot, void *k_cache, void *v_cache,
-                        long cache_row_stride, long cache_head_stride, void *q, long batch, long heads, long kv_heads, long dim) {
+/* qkv [rows, (heads + 2 kv_heads) * dim] -> q [rows, heads, dim] normed and rotated; each row's key (normed and
+   rotated) and value written to the pool [num_blocks, kv_heads, block_size, dim] at its slot (block * block_size +
+   offset). Every slot is checked before anything is written, so a bad one leaves the pool as it was.
+   Returns 0, or -1 when a slot lies outside [0, pool_slots). */
+int qwen3gen_new_token(const void *qkv, int type, long qkv_row_stride, const void *q_weight, const void *k_weight, float eps,
+                       const void *cos, const void *sin, long rope_row_stride, const int64_t *slots, long pool_slots,
+                       void *k_cache, void *v_cache, long kv_heads, long block_size, void *q, long rows, long heads, long dim) {
     long size = type == F32 ? 4 : 2;
-    for (long b = 0; b < batch; b++) {
-        long row = b * qkv_row_stride, rope = b * rope_row_stride;
-        for (long h = 0; h < heads; h++) norm_rotate(qkv, type, row + h * dim, q_weight, eps, cos, sin, rope, dim, q, (b * heads + h) * dim);
+    for (long r = 0; r < rows; r++)
+        if (slots[r] < 0 || slots[r] >= pool_slots) return -1;
+    for (long r = 0; r < rows; r++) {
+        long row = r * qkv_row_stride, rope = r * rope_row_stride;
+        long block = slots[r] / block_size, offset = slots[r] % block_size;
+        for (long h = 0; h < heads; h++) norm_rotate(qkv, type, row + h * dim, q_weight, eps, cos, sin, rope, dim, q, (r * heads + h) * dim);
         for (long h = 0; h < kv_heads; h++) {
-            long cache_at = b * cache_row_stride + h * cache_head_stride + slot * dim;
+            long cache_at = ((block * kv_heads + h) * block_size + offset) * dim;
             norm_rotate(qkv, type, row + (heads + h) * dim, k_weight, eps, cos, sin, rope, dim, k_cache, cache_at);
             memcpy((char *)v_cache + cache_at * size, (const char *)qkv + (row + (heads + kv_heads + h) * dim) * size, dim * size);
         }
     }
+    return 0;
 }
 
-/* Attention of one token per row, q [batch, heads, dim], over the first `keys` slots of the caches, mask [batch, keys]
-   additive (row stride mask_row_stride); dim a multiple of 8. One (row, key/value head) per task: its query heads share
-   each key and value read. Scores are scaled and masked, exponentiated in float; the weights are rounded to the
-   activations' type before the product with the values and their sum divides after, as in PyTorch's CPU attention.
-   Returns -1 when out of memory. */
-int qwen3gen_decode_attention(const void *q, int type, const void *k_cache, const void *v_cache, long cache_row_stride,
-                              long cache_head_stride, const void *mask, long mask_row_stride, long keys, void *out,
-                              long batch, long heads, long kv_heads, long dim, float scale, int threads) {
+/* Attention of one token per row, q [rows, heads, dim], over the row's first seq_lens[row] slots of the pool
+   [num_blocks, kv_heads, block_size, dim], found through its block table (row stride table_stride, max_blocks used at
+   most); dim a multiple of 8. Every slot of the context is visible: the new token, already written, is the last.
+   One (row, key/value head) per task: its query heads share each key and value read, and it walks its blocks in
+   order, each block's keys (and values) one contiguous run of block_size * dim. Scores are scaled and exponentiated
+   in float; the weights are rounded to the activations' type before the product with the values and their sum
+   divides after, as in PyTorch's CPU attention. The lengths and block ids are checked before anything is read.
+   Returns 0, -1 when out of memory, -2 for a length outside [1, max_blocks * block_size], -3 for a block id outside
+   [0, num_blocks). */
+int qwen3gen_decode_attention(const void *q, int type, const void *k_cache, const void *v_cache, long num_blocks,
+                              long kv_heads, long block_size, const int32_t *block_tables, long table_stride,
+                              long max_blocks, const int32_t *seq_lens, void *out, long rows, long heads, long dim,
+                              float scale, int threads) {
+    for (long b = 0; b < rows; b++) {
+        long keys = seq_lens[b];
+        if (keys < 1 || keys > max_blocks * block_size) return -2;
+        for (long t = 0; t < (keys + block_size - 1) / block_size; t++) {
+            long block = block_tables[b * table_stride + t];
+            if (block < 0 || block >= num_blocks) return -3;
+        }
+    }
     long group = heads / kv_heads;
     int failed = 0;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long task = 0; task < batch * kv_heads; task++) {
-        long b = task / kv_heads, h = task % kv_heads;
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
+    for (long task = 0; task < rows * kv_heads; task++) { /* dynamic: the rows' lengths differ, so do the tasks' costs */
+        long b = task / kv_heads, h = task % kv_heads, keys = seq_lens[b], padded = (keys + 7) / 8 * 8;
+        long blocks = (keys + block_size - 1) / block_size;
+        const int32_t *table = block_tables + b * table_stride;
         /* per query head: its scores (keys, padded to 8), query, output and score sum as floats; one row of the cache */
-        float *buffer = aligned_alloc(32, (size_t)((group * (keys + 9 + 2 * dim) + dim + 7) / 8 * 8) * sizeof(float));
+        float *buffer = aligned_alloc(32, (size_t)((group * (padded + 1 + 2 * dim) + dim + 7) / 8 * 8) * sizeof(float));
         if (!buffer) {
             failed = 1;
             continue;
         }
-        long padded = (keys + 7) / 8 * 8;
         float *scores = buffer, *query = scores + group * padded, *acc = query + group * dim, *row = acc + group * dim;
         float *totals = row + dim;
-        long cache_at = b * cache_row_stride + h * cache_head_stride;
         for (long g = 0; g < group; g++)
             for (long i = 0; i < dim; i += 8) _mm256_storeu_ps(query + g * dim + i, load8(q, type, (b * heads + h * group + g) * dim + i, 8));
-        for (long j = 0; j < keys; j++) {
-            float masked = load_one(mask, type, b * mask_row_stride + j);
-            for (long g = 0; g < group; g++) scores[g * padded + j] = -INFINITY;
-            if (masked == -INFINITY) continue;
-            for (long i = 0; i < dim; i += 8) _mm256_storeu_ps(row + i, load8(k_cache, type, cache_at + j * dim + i, 8));
-            for (long g = 0; g < group; g++) scores[g * padded + j] = dot_floats(query + g * dim, row, dim) * scale + masked;
+        for (long t = 0; t < blocks; t++) {
+            long first = t * block_size, count = keys - first < block_size ? keys - first : block_size;
+            long base = ((long)table[t] * kv_heads + h) * block_size * dim; /* this block's keys for head h */
+            for (long j = 0; j < count; j++) {
+                for (long i = 0; i < dim; i += 8) _mm256_storeu_ps(row + i, load8(k_cache, type, base + j * dim + i, 8));
+                for (long g = 0; g < group; g++) scores[g * padded + first + j] = dot_floats(query + g * dim, row, dim) * scale;
+            }
         }
         for (long g = 0; g < group; g++) {
             float *s = scores + g * padded, best = -INFINITY;
@@ -317,15 +337,19 @@ int qwen3gen_decode_attention(const void *q, int type, const void *k_cache, cons
             totals[g] = sum8(total);
             for (long i = 0; i < dim; i++) acc[g * dim + i] = 0.0f;
         }
-        for (long j = 0; j < keys; j++) {
-            int seen = 0;
-            for (long g = 0; g < group; g++) seen |= scores[g * padded + j] != 0.0f;
-            if (!seen) continue;
-            for (long i = 0; i < dim; i += 8) _mm256_storeu_ps(row + i, load8(v_cache, type, cache_at + j * dim + i, 8));
-            for (long g = 0; g < group; g++) {
-                __m256 weight = _mm256_set1_ps(scores[g * padded + j]);
-                float *a = acc + g * dim;
-                for (long i = 0; i < dim; i += 8) _mm256_storeu_ps(a + i, _mm256_fmadd_ps(weight, _mm256_loadu_ps(row + i), _mm256_loadu_ps(a + i)));
+        for (long t = 0; t < blocks; t++) {
+            long first = t * block_size, count = keys - first < block_size ? keys - first : block_size;
+            long base = ((long)table[t] * kv_heads + h) * block_size * dim;
+            for (long j = 0; j < count; j++) {
+                int seen = 0; /* a value whose weights all underflowed to 0 adds nothing: not read */
+                for (long g = 0; g < group; g++) seen |= scores[g * padded + first + j] != 0.0f;
+                if (!seen) continue;
+                for (long i = 0; i < dim; i += 8) _mm256_storeu_ps(row + i, load8(v_cache, type, base + j * dim + i, 8));
+                for (long g = 0; g < group; g++) {
+                    __m256 weight = _mm256_set1_ps(scores[g * padded + first + j]);
+                    float *a = acc + g * dim;
+                    for (long i = 0; i < dim; i += 8) _mm256_storeu_ps(a + i, _mm256_fmadd_ps(weight, _mm256_loadu_ps(row + i), _mm256_loadu_ps(a + i)));
+                }
             }
         }
         for (long g = 0; g < group; g++) {

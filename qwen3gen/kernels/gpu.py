@@ -8,9 +8,15 @@ layer is six (four products, the new token's q/k/v, its attention):
   alongside the product, so no kernel of their own), SwiGLU before the down product, the residual add after
   o_proj and down, int8 weights with a scale per row. It loads its first weights before waiting for the kernel
   before it (programmatic dependent launch), as weights never change.
-- `new_token`: q/k norm, rotation and the cache writes of one new token, one program per key/value head.
-- `decode_attention`: attention of the new token over up to ATTENTION_MAX_KEYS slots, one program per key/value
-  head, its query heads padded to 16 rows for tensor-core products; longer, SDPA.
+- `new_token`: q/k norm, rotation and the cache writes of each row's new token, one program per (row, key/value
+  head), writing to the row's pool slot.
+- `decode_attention`: attention of each row's new token over its context in the paged pool, of any length, one
+  program per (row, key/value head), its query heads padded to 16 rows for tensor-core products.
+
+The KV pool holds each layer's keys and values in blocks, [num_blocks, kv_heads, block_size, head_dim]; a row's
+context slot j lies in block block_tables[row, j // block_size] at offset j % block_size (attention.py). The kernels
+read the slots, block tables and context lengths from device memory and their grids and constexprs depend only on
+shapes, so one launch (one CUDA graph per batch size) serves every length as contexts grow.
 
 All three are torch custom ops (new_token mutating the cache buffers), so torch.compile and CUDA graphs see one
 opaque call each. The model uses them only on CUDA; the tests run the same kernels on CPU tensors through Triton's
@@ -125,17 +131,24 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, mask_ptr, out_ptr,
-        cache_row_stride, cache_head_stride, cache_slot_stride, mask_row_stride, keys, scale,
-        HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
+        cache_block_stride, cache_head_stride, cache_slot_stride, table_row_stride, scale,
+        HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """One program per (row, key/value head): its query heads (padded to ROWS >= 16 rows for tl.dot) attend
-        over the first `keys` cache slots, the additive mask added to the scores (online softmax). UPCAST: the
-        products' operands in float32 (Triton 3.9's interpreter gets tl.dot wrong on bf16)."""
+        """One program per (row, key/value head): its query heads (padded to ROWS >= 16 rows for tl.dot) attend over
+        the row's first seq_lens[row] slots, all visible, TILE slots a step (online softmax). Each step gathers the
+        pool block of each of its slots from the row's block table, so a tile spans several pool blocks, or part of
+        one: the tile keeps the width the tensor cores want whatever the block size (any, a power of two or not),
+        and the slots of one block still lie side by side in memory. UPCAST: the products' operands in float32
+        (Triton 3.9's interpreter gets tl.dot wrong on bf16). A row of length 0 (padding) gets zeros."""
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         dtype = out_ptr.dtype.element_ty
+        # Read before gdc_wait: the host writes them before the step, and new_token, the kernel before this one,
+        # writes neither and lets this one start only after waiting for the kernels before it.
+        length = tl.load(seq_lens_ptr + row)
+        table = block_tables_ptr + row.to(tl.int64) * table_row_stride
         members = tl.arange(0, ROWS)
         real = members < GROUP
         dims = tl.arange(0, DIM)
@@ -148,21 +161,22 @@ if triton is not None:
         best = tl.full([ROWS], float("-inf"), tl.float32)
         total = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, DIM], tl.float32)
-        cache = row * cache_row_stride + kv_head * cache_head_stride + dims[None, :]
-        offsets = tl.arange(0, BLOCK)
-        for start in tl.range(0, keys, BLOCK, num_stages=2):
+        head = kv_head * cache_head_stride + dims[None, :]
+        offsets = tl.arange(0, TILE)
+        for start in tl.range(0, length, TILE, num_stages=2):
             slots = start + offsets
-            visible = slots < keys
-            k = tl.load(k_cache_ptr + cache + slots[:, None] * cache_slot_stride, mask=visible[:, None], other=0.0)
+            visible = slots < length
+            blocks = tl.load(table + slots // BLOCK_SIZE, mask=visible, other=0).to(tl.int64)
+            cache = head + (blocks * cache_block_stride + (slots % BLOCK_SIZE) * cache_slot_stride)[:, None]
+            k = tl.load(k_cache_ptr + cache, mask=visible[:, None], other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            scores += tl.load(mask_ptr + row * mask_row_stride + slots, mask=visible, other=float("-inf")).to(tl.float32)[None, :]
-            new_best = tl.maximum(best, tl.max(scores, axis=1))
-            shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # a block of masked slots only: no inf - inf
-            weights = tl.exp(scores - shift[:, None])
-            rescale = tl.exp(best - shift)
-            v = tl.load(v_cache_ptr + cache + slots[:, None] * cache_slot_stride, mask=visible[:, None], other=0.0)
+            scores = tl.where(visible[None, :], scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=1))  # finite: every tile holds a visible slot
+            weights = tl.exp(scores - new_best[:, None])
+            rescale = tl.exp(best - new_best)
+            v = tl.load(v_cache_ptr + cache, mask=visible[:, None], other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
             acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
@@ -170,24 +184,26 @@ if triton is not None:
             best = new_best
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        tl.store(out_ptr + heads, (acc / total[:, None]).to(dtype), mask=real[:, None])
+        out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+        tl.store(out_ptr + heads, out.to(dtype), mask=real[:, None])
 
     @triton.jit
     def _new_token_kernel(
-        qkv_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, q_ptr,
-        qkv_row_stride, rope_row_stride, cache_row_stride, cache_head_stride, cache_slot_stride, eps,
+        qkv_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_ptr, v_cache_ptr, q_ptr,
+        qkv_row_stride, rope_row_stride, cache_block_stride, cache_head_stride, cache_slot_stride, eps,
         HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HALF: tl.constexpr,
-        QK_NORM: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One program per (row, key/value head): that key head and its query heads normed and rotated, the key
-        and value written to the cache slot, the query heads to q [batch, heads, 1, head_dim]."""
+        and value written to the row's pool slot (block slots[row] // BLOCK_SIZE, offset slots[row] % BLOCK_SIZE),
+        the query heads to q [rows, heads, 1, head_dim]."""
         if PDL:  # launched while the q/k/v product finishes; its output is read from here on
             tl.extra.cuda.gdc_wait()
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         dtype = k_cache_ptr.dtype.element_ty
         dim = 2 * HALF
-        slot = tl.load(slot_ptr)
+        slot = tl.load(slots_ptr + row).to(tl.int64)
         half = tl.arange(0, HALF)
         cos = tl.load(cos_ptr + row * rope_row_stride + half).to(tl.float32)[None, :]
         sin = tl.load(sin_ptr + row * rope_row_stride + half).to(tl.float32)[None, :]
@@ -209,7 +225,8 @@ if triton is not None:
         )  # fmt: skip
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        cache_slot = row * cache_row_stride + kv_head * cache_head_stride + slot * cache_slot_stride
+        block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        cache_slot = block * cache_block_stride + kv_head * cache_head_stride + offset * cache_slot_stride
         tl.store(k_cache_ptr + cache_slot + half[None, :], k_first.to(dtype))
         tl.store(k_cache_ptr + cache_slot + HALF + half[None, :], k_second.to(dtype))
         tl.store(v_cache_ptr + cache_slot + tl.arange(0, 2 * HALF), value)
@@ -225,58 +242,66 @@ def new_token(
     k_weight: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    slot: torch.Tensor,
+    slots: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     heads: int,
     eps: float,
     qk_norm: bool,
 ) -> torch.Tensor:
-    """qkv [batch, 1, (heads + 2 kv_heads) * head_dim], cos/sin [batch, 1, 1, head_dim / 2], slot [1] (the cache slot
-    of the new token), caches [batch, kv_heads, slots, head_dim]. Writes the new key and value to the caches and
-    returns the query heads [batch, heads, 1, head_dim], normed (qk_norm) and rotated."""
-    batch, kv_heads, _, dim = k_cache.shape
+    """qkv [rows, 1, (heads + 2 kv_heads) * head_dim], cos/sin [rows, 1, 1, head_dim / 2], slots [rows] (the pool
+    slot of each row's new token, block * block_size + offset), caches [num_blocks, kv_heads, block_size, head_dim].
+    Writes the new keys and values to the pool and returns the query heads [rows, heads, 1, head_dim], normed
+    (qk_norm) and rotated."""
+    rows = qkv.shape[0]
+    _, kv_heads, block_size, dim = k_cache.shape
     group = heads // kv_heads
-    q = qkv.new_empty(batch, heads, 1, dim)
-    _new_token_kernel[(batch, kv_heads)](
-        qkv, q_weight, k_weight, cos, sin, slot, k_cache, v_cache, q,
+    q = qkv.new_empty(rows, heads, 1, dim)
+    _new_token_kernel[(rows, kv_heads)](
+        qkv, q_weight, k_weight, cos, sin, slots, k_cache, v_cache, q,
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), eps,
-        HEADS=heads, GROUP=group, GROUP_P2=triton.next_power_of_2(group), HALF=dim // 2, QK_NORM=qk_norm,
-        num_warps=4, **dependent_launch(qkv.device),
+        HEADS=heads, GROUP=group, GROUP_P2=triton.next_power_of_2(group), HALF=dim // 2, BLOCK_SIZE=block_size,
+        QK_NORM=qk_norm, num_warps=4, **dependent_launch(qkv.device),
     )  # fmt: skip
     return q
 
 
 @new_token.register_fake
-def _(qkv, q_weight, k_weight, cos, sin, slot, k_cache, v_cache, heads, eps, qk_norm):  # noqa: ANN001, ANN202
+def _(qkv, q_weight, k_weight, cos, sin, slots, k_cache, v_cache, heads, eps, qk_norm):  # noqa: ANN001, ANN202
     return qkv.new_empty(qkv.shape[0], heads, 1, k_cache.shape[-1])
 
 
-ATTENTION_MAX_KEYS = 512  # longer: SDPA, whose kernel spreads the slots over more of the GPU than one program per head
-
-
 @torch.library.custom_op("qwen3gen::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token per row, q [batch, heads, 1, head_dim], over the first mask.shape[-1] slots of the
-    caches [batch, kv_heads, slots, head_dim], mask [batch, 1, 1, keys] additive: what SDPA computes, in one kernel
-    that takes part in dependent launch (SDPA's does not, and each such kernel leaves a gap on both sides)."""
-    batch, heads, _, dim = q.shape
-    kv_heads = k_cache.shape[1]
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one new token per row, q [rows, heads, 1, head_dim], over the row's first seq_lens[row] slots
+    (its new one included, already written) of the pool [num_blocks, kv_heads, block_size, head_dim], found through
+    block_tables [rows, max_blocks] (int32), all visible: what SDPA computes, in one kernel that takes part in
+    dependent launch (SDPA's does not, and each such kernel leaves a gap on both sides). Any length: the kernel reads
+    seq_lens from device memory, and neither its grid nor its constexprs depend on them, so one launch (a CUDA graph)
+    serves every length. The keys of one row are not split over programs (no flash-decoding), so long contexts at a
+    small batch keep few SMs busy: rows x kv_heads programs."""
+    rows, heads, _, dim = q.shape
+    kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     out = torch.empty_like(q)
-    _decode_attention_kernel[(batch, kv_heads)](
-        q, k_cache, v_cache, mask, out,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), mask.stride(0), mask.shape[-1], dim**-0.5,
-        HEADS=heads, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=q.device.type != "cuda", num_warps=4,
-        **dependent_launch(q.device),
+    _decode_attention_kernel[(rows, kv_heads)](
+        q, k_cache, v_cache, block_tables, seq_lens, out,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), dim**-0.5,
+        HEADS=heads, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK_SIZE=block_size,
+        TILE=64, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=q.device.type != "cuda",
+        num_warps=4, **dependent_launch(q.device),
     )  # fmt: skip
     return out
 
 
 @decode_attention.register_fake
-def _(q, k_cache, v_cache, mask):  # noqa: ANN001, ANN202
+def _(q, k_cache, v_cache, block_tables, seq_lens):  # noqa: ANN001, ANN202
     return torch.empty_like(q)
+
+
+FUSED_HEAD = False  # on CUDA cuBLAS reads the output head as fast as matvec would, so the model runs it as F.linear
 
 
 # (rows per program, columns per step) for Qwen3-0.6B's four products, (N, K), 4 warps; other shapes are tuned. Timed

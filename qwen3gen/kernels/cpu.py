@@ -1,13 +1,13 @@
-"""The CPU decode step's kernels (cpu_kernels.c), built on first use with the machine's C compiler.
+"""The CPU decode step's kernels (cpu.c), built on first use with the machine's C compiler.
 
 At batch 1 a decode step reads every weight once, so on a CPU it costs what the products' reads cost, plus whatever
 the small ops around them cost. PyTorch's bf16 product reads about 12 GB/s on a 2-core AVX2 machine where a plain read
 reaches 16-21, and its int8 one (`torch._weight_int8pack_mm`) about 7 (scripts/cpu_int8_kernels.py); inductor's
-generated reductions did no better (BENCHMARKS.md). cpu_kernels.c has the contracts of kernels.py's CUDA kernels:
+generated reductions did no better (BENCHMARKS.md). cpu.c has the contracts of gpu.py's CUDA kernels:
 - `matvec` streams each weight row once with AVX2, with what surrounds the product inside: the RMSNorm before it,
   SwiGLU before the down product, the residual add after it;
-- `new_token` (q/k norm, rotation, cache writes) and `decode_attention` (one new token per row over the cache) stand
-  for some twenty small PyTorch ops a layer, each a few microseconds of dispatch here.
+- `new_token` (q/k norm, rotation, writes to the paged KV pool) and `decode_attention` (one new token per row over
+  its blocks of the pool) stand for some twenty small PyTorch ops a layer, each a few microseconds of dispatch here.
 Weights are also moved into memory advised for 2 MiB pages (`huge_page_weights`), which the reads need to come near the
 memory's speed: with 4 KiB pages every 4 KiB of weights costs a page-table walk.
 
@@ -26,7 +26,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -34,10 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
-TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # cpu_kernels.c's enum
+TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # cpu.c's enum
 HUGE_PAGE = 2 << 20
+FUSED_HEAD = True  # at one token the output head is one more weight stream: matvec, with the final norm inside
 
 
 def cache_dir() -> Path:
@@ -58,7 +58,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if compiler is None:
         return None, "no C compiler (cc or gcc, or $CC) to build the CPU kernel"
     source = SOURCE.read_bytes()
-    path = cache_dir() / f"cpu_kernels-{hashlib.sha256(source + ' '.join(FLAGS).encode()).hexdigest()[:16]}.so"
+    path = cache_dir() / f"cpu-{hashlib.sha256(source + ' '.join(FLAGS).encode()).hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         # Built beside its final name and renamed into place: another process never loads a half-written library.
@@ -78,16 +78,16 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
         ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
-    library.qwen3gen_new_token.restype = None
+    library.qwen3gen_new_token.restype = ctypes.c_int
     library.qwen3gen_new_token.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
     ]  # fmt: skip
     library.qwen3gen_decode_attention.restype = ctypes.c_int
     library.qwen3gen_decode_attention.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
-        ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
         ctypes.c_long, ctypes.c_float, ctypes.c_int,
     ]  # fmt: skip
     return library, ""
@@ -104,12 +104,20 @@ def unavailable_reason() -> str:
 
 
 def _pointer(t: torch.Tensor | None) -> tuple[int | None, int]:
-    """(address, cpu_kernels.c's type code) of a contiguous tensor, (NULL, 0) for None."""
+    """(address, cpu.c's type code) of a contiguous CPU tensor, (NULL, 0) for None."""
     if t is None:
         return None, 0
-    if not t.is_contiguous() or t.dtype not in TYPES:
-        raise TypeError(f"the CPU kernels take contiguous {list(TYPES)} tensors, not a {'' if t.is_contiguous() else 'strided '}{t.dtype} one")
+    if not t.is_cpu or not t.is_contiguous() or t.dtype not in TYPES:
+        raise TypeError(f"the CPU kernels take contiguous CPU {list(TYPES)} tensors, not a {'' if t.is_contiguous() else 'strided '}{t.device} {t.dtype} one")
     return t.data_ptr(), TYPES[t.dtype]
+
+
+def _index_pointer(t: torch.Tensor, dtype: torch.dtype) -> int:
+    """The address of a CPU index tensor of dtype (slots int64; block tables, lengths int32) whose last axis is
+    contiguous: a block table's rows may lie apart (a view of a wider table), the C code takes their stride."""
+    if not t.is_cpu or t.dtype != dtype or t.stride(-1) != 1:
+        raise TypeError(f"the CPU kernels take CPU {dtype} index tensors, not a {t.device} {t.dtype} one")
+    return t.data_ptr()
 
 
 def _same_type(*tensors: torch.Tensor) -> None:
@@ -174,61 +182,90 @@ def new_token(
     k_weight: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    slot: torch.Tensor,
+    slots: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     heads: int,
     eps: float,
     qk_norm: bool,
 ) -> torch.Tensor:
-    """kernels.new_token's contract on the CPU: writes the new key (normed, rotated) and value of qkv [batch, 1,
-    (heads + 2 kv_heads) * head_dim] to the caches' slot and returns the query heads [batch, heads, 1, head_dim]."""
-    batch, kv_heads, slots, dim = k_cache.shape
-    at = int(slot)
-    # The kernel writes where these say: checked here, as a wrong one would write outside the caches.
-    if not 0 <= at < slots or qkv.shape[0] != batch or qkv.shape[-1] != (heads + 2 * kv_heads) * dim or v_cache.shape != k_cache.shape:
-        raise IndexError(f"new_token: slot {at} of {slots}, q/k/v {list(qkv.shape)} for {batch} rows of {heads} + 2 x {kv_heads} heads of {dim}")
+    """kernels.new_token's contract on the CPU: writes each row's new key (normed, rotated) and value of qkv [rows, 1,
+    (heads + 2 kv_heads) * head_dim], with its own angles cos, sin [rows, 1, 1, head_dim / 2], to the pool k_cache,
+    v_cache [num_blocks, kv_heads, block_size, head_dim] at slots[row] (block * block_size + offset, int64) and
+    returns the query heads [rows, heads, 1, head_dim]."""
+    num_blocks, kv_heads, block_size, dim = k_cache.shape
+    rows = qkv.shape[0]
+    # The kernel writes and reads where these say: checked here (the slots' values in the kernel, before it writes),
+    # as a wrong one would reach outside the tensors.
+    if (
+        qkv.shape[1:] != (1, (heads + 2 * kv_heads) * dim) or slots.shape != (rows,) or v_cache.shape != k_cache.shape
+        or cos.shape != (rows, 1, 1, dim // 2) or sin.shape != cos.shape or dim % 2
+        or (qk_norm and (q_weight.numel() != dim or k_weight.numel() != dim))
+    ):  # fmt: skip
+        raise ValueError(
+            f"new_token: q/k/v {list(qkv.shape)}, slots {list(slots.shape)}, cos/sin {list(cos.shape)}/{list(sin.shape)} "
+            f"for {heads} + 2 x {kv_heads} heads of {dim} over a {list(k_cache.shape)} / {list(v_cache.shape)} pool"
+        )
     _same_type(qkv, cos, sin, k_cache, v_cache, *((q_weight, k_weight) if qk_norm else ()))
-    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
-    q = qkv.new_empty(batch, heads, 1, dim)
+    qkv, cos, sin, slots = qkv.contiguous(), cos.contiguous(), sin.contiguous(), slots.to(torch.int64).contiguous()
+    q = qkv.new_empty(rows, heads, 1, dim)
     (qkv_ptr, kind), (q_norm, _), (k_norm, _) = _pointer(qkv), *(_pointer(w if qk_norm else None) for w in (q_weight, k_weight))
-    _library()[0].qwen3gen_new_token(
-        qkv_ptr, kind, qkv.stride(0), q_norm, k_norm, eps, cos.data_ptr(), sin.data_ptr(), cos.stride(0), at,
-        _pointer(k_cache)[0], _pointer(v_cache)[0], k_cache.stride(0), k_cache.stride(1), q.data_ptr(), batch, heads, kv_heads, dim,
+    status = _library()[0].qwen3gen_new_token(
+        qkv_ptr, kind, qkv.stride(0), q_norm, k_norm, eps, _pointer(cos)[0], _pointer(sin)[0], cos.stride(0),
+        _index_pointer(slots, torch.int64), num_blocks * block_size, _pointer(k_cache)[0], _pointer(v_cache)[0], kv_heads, block_size,
+        q.data_ptr(), rows, heads, dim,
     )  # fmt: skip
+    if status != 0:
+        bad = slots[(slots < 0) | (slots >= num_blocks * block_size)].tolist()
+        raise IndexError(f"new_token: slots {bad} outside the pool's {num_blocks} x {block_size} slots; nothing was written")
     return q
 
 
 @new_token.register_fake
-def _(qkv, q_weight, k_weight, cos, sin, slot, k_cache, v_cache, heads, eps, qk_norm):  # noqa: ANN001, ANN202
+def _(qkv, q_weight, k_weight, cos, sin, slots, k_cache, v_cache, heads, eps, qk_norm):  # noqa: ANN001, ANN202
     return qkv.new_empty(qkv.shape[0], heads, 1, k_cache.shape[-1])
 
 
-ATTENTION_MAX_KEYS = sys.maxsize  # any length: each (row, key/value head) walks its slots once
-
-
 @_opaque()
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """kernels.decode_attention's contract on the CPU: attention of q [batch, heads, 1, head_dim] over the first
-    mask.shape[-1] slots of the caches [batch, kv_heads, slots, head_dim], mask [batch, 1, 1, keys] additive."""
-    batch, heads, _, dim = q.shape
-    kv_heads, keys = k_cache.shape[1], mask.shape[-1]
-    if keys > k_cache.shape[2] or k_cache.shape[::3] != (batch, dim) or v_cache.shape != k_cache.shape or mask.shape[0] != batch or dim % 8:
-        raise IndexError(f"decode_attention: {keys} slots of a {list(k_cache.shape)} cache, q {list(q.shape)} (head size a multiple of 8)")
-    _same_type(q, k_cache, v_cache, mask)
-    q, mask = q.contiguous(), mask.contiguous()
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor
+) -> torch.Tensor:
+    """kernels.decode_attention's contract on the CPU: attention of each row's query heads q [rows, heads, 1,
+    head_dim] over its first seq_lens[row] slots (the new token's included, all visible) of the pool k_cache, v_cache
+    [num_blocks, kv_heads, block_size, head_dim], found through block_tables [rows, max_blocks] (int32)."""
+    rows, heads, _, dim = q.shape
+    num_blocks, kv_heads, block_size = k_cache.shape[:3]
+    if (
+        q.shape[2] != 1 or k_cache.shape[3] != dim or v_cache.shape != k_cache.shape or heads % kv_heads or dim % 8
+        or block_tables.dim() != 2 or block_tables.shape[0] != rows or seq_lens.shape != (rows,)
+    ):  # fmt: skip
+        raise ValueError(
+            f"decode_attention: q {list(q.shape)} over a {list(k_cache.shape)} / {list(v_cache.shape)} pool (head size a "
+            f"multiple of 8), block tables {list(block_tables.shape)}, lengths {list(seq_lens.shape)}"
+        )
+    _same_type(q, k_cache, v_cache)
+    q, seq_lens = q.contiguous(), seq_lens.to(torch.int32).contiguous()
+    block_tables = block_tables.to(torch.int32)
+    if block_tables.stride(1) != 1:  # rows may lie apart (a view of a wider table), a row's block ids may not
+        block_tables = block_tables.contiguous()
     out = torch.empty_like(q)
+    max_blocks = block_tables.shape[1]
     status = _library()[0].qwen3gen_decode_attention(
-        q.data_ptr(), _pointer(q)[1], _pointer(k_cache)[0], _pointer(v_cache)[0], k_cache.stride(0), k_cache.stride(1),
-        _pointer(mask)[0], mask.stride(0), keys, out.data_ptr(), batch, heads, kv_heads, dim, dim**-0.5, torch.get_num_threads(),
+        q.data_ptr(), _pointer(q)[1], _pointer(k_cache)[0], _pointer(v_cache)[0], num_blocks, kv_heads, block_size,
+        _index_pointer(block_tables, torch.int32), block_tables.stride(0), max_blocks, _index_pointer(seq_lens, torch.int32),
+        out.data_ptr(), rows, heads, dim, dim**-0.5, torch.get_num_threads(),
     )  # fmt: skip
-    if status != 0:
+    if status == -1:
         raise MemoryError("the CPU attention kernel could not allocate its score buffer")
+    if status == -2:
+        raise IndexError(f"decode_attention: lengths {seq_lens.tolist()} outside [1, {max_blocks} blocks x {block_size}]")
+    if status == -3:
+        raise IndexError(f"decode_attention: a block id outside the pool's {num_blocks} blocks in the used part of {block_tables.tolist()}")
     return out
 
 
 @decode_attention.register_fake
-def _(q, k_cache, v_cache, mask):  # noqa: ANN001, ANN202
+def _(q, k_cache, v_cache, block_tables, seq_lens):  # noqa: ANN001, ANN202
     return torch.empty_like(q)
 
 

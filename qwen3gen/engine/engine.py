@@ -1,0 +1,212 @@
+"""The engine loop: requests come in at any time, each step runs every running request one forward pass further.
+
+    add_request -> waiting -> (scheduler) running -> step: runner computes the scheduled tokens -> sampler picks the
+    next token of each request whose tokens are all computed -> stop rules -> finished requests leave, blocks freed
+
+add_request and abort may be called from any thread while another calls step: one lock orders them, so an abort lands
+between two steps and its blocks are free when it returns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import replace
+
+import torch
+
+from ..attention import choose_backend
+from ..errors import ContextLengthError, EngineError, InvalidParameterError, OutOfMemoryError
+from ..model import Qwen3
+from ..sampling import SamplingParams, signed64, top_logprobs
+from ..tokenizer import Tokenizer
+from .block_manager import BlockManager
+from .kv_pool import KVPool
+from .request import Logprob, Request, RequestOutput, Status, TextState
+from .runner import ModelRunner, StepLogits
+from .sampler import Sampler
+from .scheduler import Scheduler
+
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+
+def default_limits(device: torch.device) -> tuple[int, int]:
+    """(running requests, tokens per step): on a GPU enough rows to fill it; on a CPU, where a step's time grows with
+    its tokens, smaller steps that keep decodes moving."""
+    return (256, 8192) if device.type == "cuda" else (64, 512)
+
+
+class Engine:
+    """Continuous batching over a paged KV cache with prefix caching, on one model.
+
+    kv_memory: the pool's size (bytes or "8GiB"; default: most of the free GPU memory, or a modest share of a CPU's).
+    tokenizer: lets requests have stop strings and outputs carry text. eos_ids: the default stop tokens.
+    kernels=False runs the reference attention lines (the oracle of the tests) even where kernels exist.
+    """
+
+    def __init__(
+        self,
+        model: Qwen3,
+        tokenizer: Tokenizer | None = None,
+        eos_ids: frozenset[int] = frozenset(),
+        *,
+        kv_memory: int | str | None = None,
+        block_size: int = 16,
+        max_running: int | None = None,
+        max_batched_tokens: int | None = None,
+        compile: bool = False,
+        kernels: bool = True,
+        default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> None:
+        self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
+        weight = model.embed_tokens.weight
+        self.device, self.config = weight.device, model.config
+        running, batched = default_limits(self.device)
+        self.max_running = max_running or running
+        self.max_batched_tokens = max_batched_tokens or batched
+        for name, value in (("max_running", self.max_running), ("max_batched_tokens", self.max_batched_tokens), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(f"{name} must be a positive integer, not {value!r}.")
+        self.default_max_new_tokens = default_max_new_tokens
+        self.backend = choose_backend(self.device, kernels)
+        self.pool = KVPool.sized(self.config, kv_memory, block_size, weight.dtype, self.device)
+        self.blocks = BlockManager(self.pool.num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, self.max_running, self.max_batched_tokens)
+        self.runner = ModelRunner(model, self.pool, self.backend, self.max_running, compile)
+        self.sampler = Sampler(self.config.vocab_size, self.device)
+        self.requests: dict[str, Request] = {}
+        self._lock = threading.RLock()
+        self._ids = itertools.count()
+        self.steps = self.generated_tokens = self.computed_prompt_tokens = 0
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue a request; returns its id. Refused at once (InvalidParameterError, ContextLengthError,
+        OutOfMemoryError) when it could never run."""
+        params = params or SamplingParams()
+        ids = [int(t) for t in prompt_ids]
+        vocab, context = self.config.vocab_size, self.config.max_position_embeddings
+        if not ids:
+            raise InvalidParameterError("the prompt is empty.")
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            raise InvalidParameterError(f"token id {bad} is outside the vocabulary (0 to {vocab - 1}).")
+        if params.stop and self.tokenizer is None:
+            raise InvalidParameterError("stop strings need an engine with a tokenizer.")
+        max_new = params.max_new_tokens or min(self.default_max_new_tokens, context - len(ids))
+        if len(ids) + max_new > context:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens and max_new_tokens is {max_new}: together more than the model's "
+                f"context of {context} tokens."
+            )
+        if len(ids) + max_new > self.blocks.capacity_tokens:
+            raise OutOfMemoryError(
+                f"the request needs room for {len(ids) + max_new:,} tokens but the KV pool holds "
+                f"{self.blocks.capacity_tokens:,} ({self.pool.nbytes / 2**20:,.0f} MiB); give a larger kv_memory "
+                "(--kv-memory) or ask for fewer tokens."
+            )
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 1 << 62, ()).item())
+        with self._lock:
+            request_id = str(next(self._ids)) if request_id is None else request_id
+            if request_id in self.requests:
+                raise InvalidParameterError(f"a request with id {request_id!r} is already in the engine.")
+            params = params if params.max_new_tokens else replace(params, max_new_tokens=max_new)
+            text = TextState(self.tokenizer, params.stop) if self.tokenizer is not None else None
+            eos = frozenset() if params.ignore_eos else self.eos_ids
+            request = Request(request_id, ids, params, eos, signed64(seed), text)
+            self.requests[request_id] = request
+            self.scheduler.add(request)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its blocks (a request already finished is forgotten)."""
+        with self._lock:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                raise EngineError(f"there is no request {request_id!r} in the engine.")
+            if not request.finished:
+                request.finish("abort", flush=False)
+            self._leave(request)
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def step(self) -> list[RequestOutput]:
+        """One forward pass over the running requests: the new tokens of each (finished ones leave the engine)."""
+        with self._lock:
+            scheduled = self.scheduler.schedule()
+            if not scheduled:
+                return []
+            for request, n in zip(scheduled.requests, scheduled.num_tokens):
+                self.computed_prompt_tokens += max(0, min(request.num_computed + n, request.prompt_len) - request.num_computed)
+            step = self.runner.run(scheduled.requests, scheduled.num_tokens)
+            for request, n in zip(scheduled.requests, scheduled.num_tokens):
+                request.num_computed += n
+            outputs = self._sample(step)
+            self.steps += 1
+            return outputs
+
+    def _sample(self, step: StepLogits) -> list[RequestOutput]:
+        prompt_logprobs = {r: self._prompt_logprobs(r, step, *rows) for r, rows in step.prompt_rows.items()}
+        requests = list(step.sample_rows)
+        outputs = []
+        if requests:
+            rows = torch.tensor(list(step.sample_rows.values()), device=step.logits.device)
+            tokens, logprobs = self.sampler.sample(requests, step.logits[rows])
+            for request, token, logprob in zip(requests, tokens, logprobs):
+                before = request.num_output
+                request.append(token)
+                self.generated_tokens += 1
+                new = request.output_ids[before:]
+                if logprob is not None and new:
+                    request.logprobs.append(logprob)
+                outputs.append(self._output(request, new, [logprob] if logprob is not None and new else None))
+                if request.finished:
+                    self._leave(request)
+                    del self.requests[request.request_id]
+        for request in prompt_logprobs:
+            if request.num_computed >= request.prompt_len - 1 and request not in step.sample_rows:
+                outputs.append(self._output(request, [], None))
+        return outputs
+
+    def _output(self, request: Request, new: list[int], logprobs: list[Logprob] | None) -> RequestOutput:
+        text = request.text.take(request.finished) if request.text is not None else ""
+        prompt = None
+        scored = request.params.prompt_logprobs is not None and request.num_computed >= request.prompt_len - 1
+        if scored and not request.prompt_logprobs_sent:
+            prompt, request.prompt_logprobs_sent = [None, *request.prompt_logprobs], True
+        return RequestOutput(
+            request.request_id, new, request.finished, request.finish_reason, logprobs, text, prompt, request.num_cached_tokens
+        )
+
+    def _prompt_logprobs(self, request: Request, step: StepLogits, first: int, count: int) -> None:
+        """Score the prompt tokens that follow the positions computed in this step."""
+        start = len(request.prompt_logprobs)
+        targets = torch.tensor(request.prompt_ids[start + 1 : start + 1 + count], device=step.logits.device)
+        chosen, ids, values = top_logprobs(step.logits[first : first + count], targets, request.params.prompt_logprobs)
+        for token, lp, alt_ids, alt_values in zip(targets.tolist(), chosen.tolist(), ids.tolist(), values.tolist()):
+            request.prompt_logprobs.append((token, lp, list(zip(alt_ids, alt_values))))
+
+    def _leave(self, request: Request) -> None:
+        self.scheduler.remove(request)
+        self.sampler.release(request)
+
+    def stats(self) -> dict:
+        with self._lock:
+            blocks = self.blocks
+            return {
+                "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting),
+                "kv_blocks_total": blocks.num_blocks - 1,
+                "kv_blocks_used": blocks.num_blocks - 1 - blocks.num_free,
+                "kv_blocks_free": blocks.num_free,
+                "kv_block_size": blocks.block_size,
+                "kv_pool_bytes": self.pool.nbytes,
+                "prefix_cache_hit_tokens": blocks.hit_tokens,
+                "prefix_cache_queried_tokens": blocks.queried_tokens,
+                "computed_prompt_tokens": self.computed_prompt_tokens,
+                "generated_tokens": self.generated_tokens,
+                "preemptions": self.scheduler.preemptions,
+                "steps": self.steps,
+                "attention_backend": self.backend.name,
+            }
