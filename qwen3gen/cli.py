@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from . import checkpoint
 from .bench import ENGINES, TABLE_HEAD, BenchRow, format_row, format_setup, run_bench, to_json
 from .errors import InvalidParameterError, Qwen3GenError
-from .generate import Generation, GenerationStats
 from .llm import LLM, load
 from .quantize import QUANTIZATIONS
+from .results import Generation, GenerationStats
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -23,6 +23,19 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str) -> No
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs, float32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="compile the model's blocks with torch.compile and, on a GPU, run each step as a CUDA graph (warm-up: tens of seconds)")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization (int8: per-channel scales)")
+    add_engine_options(parser)
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--kv-memory", help="KV cache pool size, bytes or e.g. 8GiB, 512MiB (default: most of the free GPU memory; on CPU 2 GiB or a quarter of the free memory)")
+    group.add_argument("--max-running", type=int, help="most requests decoded together (default: 256 on GPU, 64 on CPU)")
+    group.add_argument("--max-batched-tokens", type=int, help="token budget of one step, prefill chunks and decodes together (default: 8192 on GPU, 512 on CPU)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    names = ("kv_memory", "max_running", "max_batched_tokens")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -106,12 +119,20 @@ def run_batch(llm: LLM, args: argparse.Namespace) -> None:
     print_stats(flat[0].stats)
 
 
-def run_generate(llm: LLM, args: argparse.Namespace) -> None:
+def check_generate_args(args: argparse.Namespace) -> None:
+    """The usage errors that need no model, before it loads."""
     if args.prompt is None and not args.batch:
         raise InvalidParameterError("give a PROMPT, or --batch FILE.")
+    if args.prompt is not None and args.batch:
+        raise InvalidParameterError("give a PROMPT or --batch FILE, not both.")
+    if args.n < 1:
+        raise InvalidParameterError(f"-n must be >= 1, not {args.n}.")
+    if (args.batch or args.n > 1) and args.stream:
+        raise InvalidParameterError("--stream shows one generation; use --json or plain output with --batch or -n.")
+
+
+def run_generate(llm: LLM, args: argparse.Namespace) -> None:
     if args.batch or args.n > 1:
-        if args.stream:
-            raise InvalidParameterError("--stream shows one generation; use --json or plain output with --batch or -n.")
         run_batch(llm, args)
         return
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -194,7 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             run_bench_command(args)
             return 0
-        llm = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile, quantization=args.quantize)
+        if args.command == "generate":
+            check_generate_args(args)
+        llm = load(
+            args.model, device=args.device, dtype=args.dtype, compile=args.compile, quantization=args.quantize,
+            **engine_kwargs(args),
+        )  # fmt: skip
         if args.command == "generate":
             run_generate(llm, args)
         else:

@@ -6,24 +6,21 @@ from transformers.generation import logits_process as hf
 
 import qwen3gen
 from qwen3gen.llm import ReasoningSplitter
-from qwen3gen.sampling import SamplingParams, apply_repetition_penalty, filter_logits, next_token
+from qwen3gen.sampling import SamplingParams, apply_penalties, draw, filter_logits, seeded_uniform
 
 PROMPT = "Explain large language models."
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(temperature=0.7),
-        SamplingParams(temperature=1.0, top_k=20),
-        SamplingParams(temperature=0.6, top_p=0.9),
-        SamplingParams(temperature=1.3, min_p=0.05),
-        SamplingParams(temperature=0.6, top_k=50, top_p=0.95, min_p=0.01),
-    ],
-)
-def test_filters_equal_transformers_warpers(params):
-    torch.manual_seed(0)
-    logits = torch.randn(3, 1000) * 3
+PARAMS = [
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.0, top_k=20),
+    SamplingParams(temperature=0.6, top_p=0.9),
+    SamplingParams(temperature=1.3, min_p=0.05),
+    SamplingParams(temperature=0.6, top_k=50, top_p=0.95, min_p=0.01),
+]
+
+
+def warped(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     warpers = [hf.TemperatureLogitsWarper(params.temperature)]
     if params.top_k:
         warpers.append(hf.TopKLogitsWarper(params.top_k))
@@ -31,27 +28,46 @@ def test_filters_equal_transformers_warpers(params):
         warpers.append(hf.TopPLogitsWarper(params.top_p))
     if params.min_p:
         warpers.append(hf.MinPLogitsWarper(params.min_p))
-    expected = logits.clone()
     for warper in warpers:
-        expected = warper(None, expected)
-    assert torch.equal(torch.isinf(filter_logits(logits, params)), torch.isinf(expected))
-    torch.testing.assert_close(filter_logits(logits, params), expected)
+        logits = warper(None, logits.clone())
+    return logits
 
 
-def test_repetition_penalty_equals_transformers():
+def test_filters_equal_transformers_warpers_row_by_row():
+    """One batch whose rows each have their own parameters: every row equals transformers' warpers with its own."""
     torch.manual_seed(0)
-    logits, context = torch.randn(2, 100), torch.randint(0, 100, (2, 30))
-    seen = torch.zeros(2, 100, dtype=torch.bool).scatter_(1, context, True)
-    expected = hf.RepetitionPenaltyLogitsProcessor(1.3)(context, logits.clone())
-    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 1.3), expected)
+    logits = torch.randn(len(PARAMS), 1000) * 3
+    values = lambda name, dtype=torch.float32: torch.tensor([getattr(p, name) for p in PARAMS], dtype=dtype)  # noqa: E731
+    ours = filter_logits(logits, values("temperature"), values("top_k", torch.long), values("top_p"), values("min_p"))
+    for row, params in enumerate(PARAMS):
+        expected = warped(logits[row : row + 1], params)[0]
+        assert torch.equal(torch.isinf(ours[row]), torch.isinf(expected)), params
+        torch.testing.assert_close(ours[row], expected)
 
 
-def test_greedy_is_argmax_and_sampling_respects_filters():
-    logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
-    assert next_token(logits, None, SamplingParams(), None).item() == 1
-    generator = torch.Generator().manual_seed(0)
-    draws = {next_token(logits, None, SamplingParams(temperature=5.0, top_k=2), generator).item() for _ in range(200)}
-    assert draws == {1, 2}
+def test_penalties_equal_transformers_and_openai():
+    torch.manual_seed(0)
+    logits, prompt, output = torch.randn(2, 100), torch.randint(0, 100, (2, 30)), torch.randint(0, 100, (2, 12))
+    counts = torch.zeros(2, 100, dtype=torch.int32).scatter_add_(1, output, torch.ones_like(output, dtype=torch.int32))
+    prompt_seen = torch.zeros(2, 100, dtype=torch.bool).scatter_(1, prompt, True)
+    ones, zeros = torch.ones(2), torch.zeros(2)
+    expected = hf.RepetitionPenaltyLogitsProcessor(1.3)(torch.cat([prompt, output], 1), logits.clone())
+    torch.testing.assert_close(apply_penalties(logits, counts, prompt_seen, torch.full((2,), 1.3), zeros, zeros), expected)
+    presence, frequency = torch.tensor([0.5, -1.0]), torch.tensor([0.25, 1.5])
+    openai = logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)  # OpenAI's own definition
+    torch.testing.assert_close(apply_penalties(logits, counts, prompt_seen, ones, presence, frequency), openai)
+
+
+def test_draws_follow_the_distribution_and_their_seeds():
+    probs = torch.tensor([[0.0, 0.6, 0.3, 0.1]]).repeat(4000, 1)
+    tokens = draw(probs, torch.arange(4000), torch.zeros(4000, dtype=torch.long))
+    frequencies = torch.bincount(tokens, minlength=4).float() / 4000
+    torch.testing.assert_close(frequencies, probs[0], atol=0.03, rtol=0)
+    seeds, steps = torch.tensor([7, 7, 8]), torch.tensor([3, 3, 3])
+    noise = seeded_uniform(seeds, steps, 1000)
+    assert torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    assert not torch.equal(noise[0], seeded_uniform(seeds[:1], steps[:1] + 1, 1000)[0])
+    assert 0 < noise.min() and noise.max() < 1 and abs(noise.mean().item() - 0.5) < 0.02
 
 
 @pytest.mark.parametrize(
@@ -166,20 +182,20 @@ def test_chat_uses_the_template_and_splits_reasoning(tiny_llm):
     assert result.reasoning == "" and result.answer == direct.text.strip()
 
 
-def scripted_tokens(llm, token_ids):
-    """Replace the engine's token source by a fixed reply, to test the chat path on a known output."""
+def scripted(token_ids):
+    """Replace the sampler's choice by a fixed reply, to test the chat path on a known output."""
+    reply = iter(token_ids)
 
-    def tokens(prompts, max_new_tokens, params, pad_id, sync_every=16):
-        for token in token_ids[:max_new_tokens]:
-            yield torch.tensor([[token]])
+    def sample(requests, logits):
+        return [next(reply) for _ in requests], [None] * len(requests)
 
-    return tokens
+    return sample
 
 
 def test_chat_with_thinking_returns_reasoning_and_answer(tiny_llm, monkeypatch):
     tok = tiny_llm.tokenizer
     reply = tok.encode("<think>\nTwo plus two is four.\n</think>\n\nIt is 4.") + [151645]
-    monkeypatch.setattr(tiny_llm.engine, "tokens", scripted_tokens(tiny_llm, reply))
+    monkeypatch.setattr(tiny_llm.engine.sampler, "sample", scripted(reply))
     result = tiny_llm.chat([{"role": "user", "content": "What is 2+2?"}], enable_thinking=True, max_new_tokens=50)
     assert result.reasoning == "Two plus two is four."
     assert result.answer == "It is 4."
@@ -192,27 +208,8 @@ def test_n_samples_per_prompt(tiny_llm):
     assert [s.token_ids for s in samples] == [s.token_ids for s in tiny_llm.generate(PROMPT, max_new_tokens=12, temperature=1.0, seed=3, n=3)]
     grouped = tiny_llm.generate([PROMPT, "Hi"], max_new_tokens=6, temperature=0.0, n=2)
     assert [len(g) for g in grouped] == [2, 2] and grouped[1][0].token_ids == grouped[1][1].token_ids
-    with pytest.raises(qwen3gen.InvalidParameterError, match="n must be >= 1"):
+    with pytest.raises(qwen3gen.InvalidParameterError, match="n must be an integer >= 1"):
         tiny_llm.generate(PROMPT, n=0)
-
-
-def test_chunks_queued_ahead_give_the_same_tokens_in_the_same_chunks(tiny_llm, monkeypatch):
-    """The GPU's lookahead (one chunk queued while the host decodes the previous one), on CPU tensors."""
-    prompts = [tiny_llm.tokenizer.encode(PROMPT), tiny_llm.tokenizer.encode("Hi")]
-
-    def chunks():
-        return [c.tolist() for c in tiny_llm.engine.tokens(prompts, 40, SamplingParams(), pad_id=0, sync_every=16)]
-
-    expected = chunks()
-    assert tiny_llm.engine.chunks_ahead == 0 and [len(c[0]) for c in expected] == [1, 16, 16, 7]
-    free = tiny_llm.generate([PROMPT, "Hi"], max_new_tokens=40, temperature=0.0, ignore_eos=True)
-    monkeypatch.setattr(tiny_llm.engine, "chunks_ahead", 1)
-    assert chunks() == expected
-    assert [g.token_ids for g in tiny_llm.generate([PROMPT, "Hi"], max_new_tokens=40, temperature=0.0, ignore_eos=True)] == [
-        g.token_ids for g in free
-    ]
-    stopped = tiny_llm.generate(PROMPT, max_new_tokens=40, temperature=0.0, stop=tiny_llm.tokenizer.decode(free[0].token_ids[18:20]))
-    assert stopped.finish_reason == "stop" and stopped.token_ids == free[0].token_ids[: len(stopped.token_ids)]
 
 
 def test_batch_rows_finish_on_their_own(tiny_llm):

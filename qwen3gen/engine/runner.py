@@ -98,19 +98,27 @@ class DecodeGraph:
         self.positions = torch.zeros(size, dtype=torch.long, device=device)
         self.slots = torch.zeros(size, dtype=torch.long, device=device)
         self.tables = torch.zeros(size, runner.max_blocks, dtype=torch.int32, device=device)
-        batch = runner.batch(self.slots, [1] * size, [1] * size, self.tables)
-        self.seq_lens = batch.seq_lens
-        forward: Callable[..., torch.Tensor] = runner.model
+        self.batch = runner.batch(self.slots, [1] * size, [1] * size, self.tables)
+        self.seq_lens = self.batch.seq_lens
+        self.forward: Callable[..., torch.Tensor] = runner.model
         if runner.compile:
-            forward = torch.compile(runner.model, fullgraph=True, dynamic=False)
+            self.forward = torch.compile(runner.model, fullgraph=True, dynamic=False)
+        self.logits = self.record()
+
+    def record(self) -> torch.Tensor:
+        """Run the step once outside the recording (warm-up, compilation), then record it; returns its output buffer."""
+        device = self.ids.device
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            forward(self.ids, self.positions, batch)  # warm-up (and compilation) outside the recording
+            self.forward(self.ids, self.positions, self.batch)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = forward(self.ids, self.positions, batch)
+            return self.forward(self.ids, self.positions, self.batch)
+
+    def launch(self) -> None:
+        self.graph.replay()
 
     def replay(self, requests: list[Request], tokens: list[int], starts: list[int]) -> torch.Tensor:
         n, size = len(requests), self.ids.shape[0]
@@ -125,5 +133,5 @@ class DecodeGraph:
         self.slots.copy_(slots, non_blocking=True)
         self.seq_lens.copy_(positions.int() + 1, non_blocking=True)
         self.tables[:, :width].copy_(tables, non_blocking=True)
-        self.graph.replay()
+        self.launch()
         return self.logits
