@@ -70,17 +70,20 @@ class ReplayOnCPU(runner.DecodeGraph):
 
     def record(self) -> torch.Tensor:
         ReplayOnCPU.recorded += 1
-        return self.forward(self.ids, self.positions, self.batch)
+        return self.step()
 
     def launch(self) -> None:
-        self.logits = self.forward(self.ids, self.positions, self.batch)
+        self.logits = self.step()
 
 
-def test_decode_graph_bookkeeping_on_cpu(tiny_llm, monkeypatch):
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_decode_graph_bookkeeping_on_cpu(tiny_llm, monkeypatch, compile):
     """The CUDA-graph path's buffers on CPU: decode steps padded to the graph sizes give the eager engine's tokens, one
-    recording per size; the padding rows write only to the scratch block."""
+    recording per size; the padding rows write only to the scratch block. Compiled, as on CUDA: one whole graph per
+    size (fullgraph), the kernels inside it."""
     monkeypatch.setattr(runner, "DecodeGraph", ReplayOnCPU)
-    engine = Engine(tiny_llm.model, tiny_llm.tokenizer, kv_memory="16MiB", max_running=6)
+    ReplayOnCPU.recorded = 0
+    engine = Engine(tiny_llm.model, tiny_llm.tokenizer, kv_memory="16MiB", max_running=6, compile=compile)
     assert engine.runner.graph_sizes == [1, 2, 4, 6]
     monkeypatch.setattr(engine.runner, "use_graphs", True)
     prompts = [tiny_llm.tokenizer.encode(p) for p in (PROMPT, "Hi", "A third, somewhat longer prompt than the others.")]

@@ -94,16 +94,24 @@ class DecodeGraph:
 
     def __init__(self, runner: ModelRunner, size: int) -> None:
         device, self.block_size = runner.device, runner.pool.block_size
-        self.ids = torch.zeros(size, dtype=torch.long, device=device)
-        self.positions = torch.zeros(size, dtype=torch.long, device=device)
+        self.inputs = torch.zeros(2, size, dtype=torch.long, device=device)  # token ids, positions: one copy a step
+        self.host = torch.zeros(2, size, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.ids, self.positions = self.inputs
         self.slots = torch.zeros(size, dtype=torch.long, device=device)
         self.tables = torch.zeros(size, runner.max_blocks, dtype=torch.int32, device=device)
         self.batch = runner.batch(self.slots, [1] * size, [1] * size, self.tables)
-        self.seq_lens = self.batch.seq_lens
         self.forward: Callable[..., torch.Tensor] = runner.model
         if runner.compile:
             self.forward = torch.compile(runner.model, fullgraph=True, dynamic=False)
         self.logits = self.record()
+
+    def step(self) -> torch.Tensor:
+        """The recorded step: each row's context length and pool slot from its position and block table, then the
+        model (so the host copies only the token ids, positions and block tables)."""
+        self.batch.seq_lens.copy_(self.positions + 1)
+        blocks = self.tables.gather(1, (self.positions // self.block_size)[:, None])[:, 0].long()
+        self.slots.copy_(blocks * self.block_size + self.positions % self.block_size)
+        return self.forward(self.ids, self.positions, self.batch)
 
     def record(self) -> torch.Tensor:
         """Run the step once outside the recording (warm-up, compilation), then record it; returns its output buffer."""
@@ -111,27 +119,23 @@ class DecodeGraph:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            self.forward(self.ids, self.positions, self.batch)
+            self.step()
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            return self.forward(self.ids, self.positions, self.batch)
+            return self.step()
 
     def launch(self) -> None:
         self.graph.replay()
 
     def replay(self, requests: list[Request], tokens: list[int], starts: list[int]) -> torch.Tensor:
-        n, size = len(requests), self.ids.shape[0]
-        pad = size - n
+        n = len(requests)
         width = max(len(r.block_table) for r in requests)
-        tables = torch.zeros(size, width, dtype=torch.int32)
+        tables = torch.zeros(self.tables.shape[0], width, dtype=torch.int32)
         tables[:n] = torch.tensor([r.block_table + [0] * (width - len(r.block_table)) for r in requests], dtype=torch.int32)
-        positions = torch.tensor(starts + [0] * pad)
-        slots = tables[torch.arange(size), positions // self.block_size].long() * self.block_size + positions % self.block_size
-        self.ids.copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
-        self.positions.copy_(positions, non_blocking=True)
-        self.slots.copy_(slots, non_blocking=True)
-        self.seq_lens.copy_(positions.int() + 1, non_blocking=True)
+        self.host.zero_()
+        self.host[:, :n] = torch.tensor([tokens, starts])  # the last copy from it is done: its tokens were read back
+        self.inputs.copy_(self.host, non_blocking=True)
         self.tables[:, :width].copy_(tables, non_blocking=True)
         self.launch()
         return self.logits
