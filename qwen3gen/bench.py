@@ -1,14 +1,21 @@
 """`qwen3gen bench`: qwen3gen (eager, compiled) and transformers side by side, in one run, on one model.
 
-Every engine decodes the same random prompts greedily for the same number of tokens (EOS ignored), with
-warm-up runs excluded and the median of several repetitions reported. Decoding is memory-bound, so
+run_bench (decode speed): every engine decodes the same random prompts greedily for the same number of tokens (EOS
+ignored), with warm-up runs excluded and the median of several repetitions reported. Decoding is memory-bound, so
 each row also shows the bandwidth it achieves (bytes read per decode step x steps per second) against
 the device's copy bandwidth, measured in the same run.
+
+run_throughput (offline throughput, nano-vllm's bench.py workload): many requests of random prompt and output
+lengths, all submitted at once, EOS ignored; each engine's continuous batching runs them to the end, and the row is
+the tokens over the wall time.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import math
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -19,6 +26,8 @@ import torch
 from .checkpoint import Checkpoint, default_device, default_dtype, load_model, parse_dtype, resolve
 from .config import Qwen3Config, preset
 from .engine import Engine
+from .engine.engine import default_limits
+from .engine.kv_pool import bytes_per_block, default_kv_memory, parse_size
 from .model import Qwen3
 from .quantize import quantize
 from .results import peak_memory, reset_peak_memory
@@ -75,9 +84,10 @@ def random_model(cfg: Qwen3Config, device: torch.device, dtype: torch.dtype, see
 
 
 def weight_bytes_per_step(model: Qwen3) -> int:
-    """Bytes of weights one decode step reads: all of them, except an embedding table only looked up row by row."""
+    """Bytes of weights one decode step reads: all of them (quantized weights and scales are buffers; the KV cache
+    is the engine's pool, not the model's), except an embedding table only looked up row by row."""
     total = sum(t.numel() * t.element_size() for t in model.parameters())
-    total += sum(t.numel() * t.element_size() for n, t in model.named_buffers() if "kv_cache" not in n)
+    total += sum(t.numel() * t.element_size() for t in model.buffers())
     if model.lm_head is not None:
         total -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
     return total
@@ -113,6 +123,24 @@ def transformers_model(model: Qwen3, checkpoint_dir: str | None) -> torch.nn.Mod
     return hf.eval()
 
 
+def load_bench_model(model_name: str | None, preset_name: str, dev: torch.device, dt: torch.dtype) -> tuple[Qwen3, str | None]:
+    """(model, checkpoint directory): a checkpoint's weights, or random weights of a preset's shape."""
+    checkpoint_dir = str(resolve(model_name)) if model_name else None
+    if checkpoint_dir:
+        return load_model(Checkpoint.open(checkpoint_dir), dev, dt), checkpoint_dir
+    return random_model(preset(preset_name), dev, dt), None
+
+
+def device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+
+
+def free_memory(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def median_run(run: Callable[[], tuple[float, float, list[int]]], reps: int) -> tuple[float, float, float, list[int]]:
     """(warm-up seconds, median TTFT s, median decode seconds, tokens of row 0) over `reps` timed runs."""
     start = time.perf_counter()
@@ -127,6 +155,7 @@ def qwen3gen_run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> C
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
 
     def run() -> tuple[float, float, list[int]]:
+        engine.reset_prefix_cache()  # every run prefills its prompts, as transformers' runs do
         start = time.perf_counter()
         ids = [engine.add_request(p, params) for p in prompts]
         tokens: dict[str, list[int]] = {i: [] for i in ids}
@@ -179,11 +208,7 @@ def run_bench(
     """Measure every engine in turn; on_row(setup, row) sees each row as soon as it is measured."""
     dev = torch.device(device) if device else default_device()
     dt = parse_dtype(dtype) or default_dtype(dev, quantization)
-    checkpoint_dir = str(resolve(model_name)) if model_name else None
-    if checkpoint_dir:
-        model = load_model(Checkpoint.open(checkpoint_dir), dev, dt)
-    else:
-        model = random_model(preset(preset_name), dev, dt)
+    model, checkpoint_dir = load_bench_model(model_name, preset_name, dev, dt)
     cfg = model.config
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 151643, (batch, prompt_tokens), generator=generator).tolist()
@@ -196,8 +221,16 @@ def run_bench(
     if quantization:
         model = quantize(model, quantization)
     step_bytes = weight_bytes_per_step(model) + kv
+    # The engine's pool: room for the whole batch at once (one block of slack per row, block 0 is the scratch block),
+    # not the engine's default of most of the memory; one step runs the whole batch's prompts, as transformers does.
+    block_size = 16
+    blocks_per_row = -(-(prompt_tokens + new_tokens) // block_size) + 1
+    engine_options = dict(
+        kv_memory=bytes_per_block(cfg, block_size, dt) * (batch * blocks_per_row + 1), block_size=block_size,
+        max_running=max(batch, default_limits(dev)[0]), max_batched_tokens=max(batch * prompt_tokens, default_limits(dev)[1]),
+    )  # fmt: skip
     setup = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
+        "device": device_name(dev),
         "dtype": str(dt).removeprefix("torch."),
         "model": checkpoint_dir or f"random weights, Qwen3-{preset_name} shape",
         "quantization": quantization,
@@ -216,7 +249,7 @@ def run_bench(
             continue  # transformers compiles its static-cache path only on accelerators
         reset_peak_memory(dev)
         if name.startswith("qwen3gen"):
-            run = qwen3gen_run(Engine(model, compile=name.endswith("compiled")), prompts, new_tokens)
+            run = qwen3gen_run(Engine(model, compile=name.endswith("compiled"), **engine_options), prompts, new_tokens)
         else:
             run = transformers_run(hf, prompts, new_tokens, static=name.endswith("static"))
         warmup, ttft, decode_s, tokens = median_run(run, reps)
@@ -263,5 +296,281 @@ def format_row(r: BenchRow) -> str:
     )
 
 
-def to_json(setup: dict, rows: list[BenchRow]) -> str:
+def to_json(setup: dict, rows: list[BenchRow] | list[ThroughputRow]) -> str:
     return json.dumps({"setup": setup, "rows": [asdict(r) for r in rows]}, indent=2)
+
+
+# --- offline throughput ------------------------------------------------------------------------------------------------
+
+THROUGHPUT_ENGINES = ("transformers", "qwen3gen", "qwen3gen-compiled")
+HF_PAGE_SIZE = 256  # transformers' default page (block) of its continuous-batching cache
+
+
+@dataclass
+class ThroughputRow:
+    engine: str
+    requests: int  # finished
+    prompt_tokens: int
+    output_tokens: int  # actually produced (summed over the requests' outputs)
+    wall_s: float
+    output_tokens_per_s: float
+    total_tokens_per_s: float  # prompt + output tokens over the wall time
+    vs_transformers: float | None  # output tokens/s over transformers' row
+    peak_memory_mib: float  # on CPU: the process's peak RSS so far (it cannot be reset between rows)
+    kv_pool_mib: float | None  # the KV cache the engine allocated
+    note: str | None = None  # why a row has no numbers, or what it approximated
+
+
+def throughput_defaults(device: torch.device) -> dict:
+    """nano-vllm's workload on a GPU; a smaller one elsewhere, that a 2-core CPU runs in about a minute per engine
+    (Qwen3-0.6B's shape in bfloat16: transformers 54 s, qwen3gen 44 s)."""
+    if device.type == "cuda":
+        return dict(requests=256, min_prompt_tokens=100, max_prompt_tokens=1024, min_output_tokens=100, max_output_tokens=1024)
+    return dict(requests=8, min_prompt_tokens=16, max_prompt_tokens=64, min_output_tokens=16, max_output_tokens=64)
+
+
+def throughput_workload(
+    requests: int, prompt_range: tuple[int, int], output_range: tuple[int, int], vocab: int, seed: int
+) -> tuple[list[list[int]], list[int]]:
+    """(prompts, output lengths): lengths uniform in the closed ranges, token ids uniform below 151643 (the specials)."""
+    rng = random.Random(seed)
+    top = min(151643, vocab)
+    prompts = [[rng.randrange(top) for _ in range(rng.randint(*prompt_range))] for _ in range(requests)]
+    return prompts, [rng.randint(*output_range) for _ in range(requests)]
+
+
+def qwen3gen_throughput(engine: Engine, prompts: list[list[int]], lengths: list[int]) -> tuple[float, int]:
+    """All requests added at once, then step() until none is left: (wall seconds, output tokens produced)."""
+    synchronize(engine.device)
+    start = time.perf_counter()
+    for prompt, n in zip(prompts, lengths):
+        engine.add_request(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    produced = 0
+    while engine.has_unfinished():
+        produced += sum(len(out.new_token_ids) for out in engine.step())
+    synchronize(engine.device)
+    return time.perf_counter() - start, produced
+
+
+def transformers_throughput(
+    hf: torch.nn.Module, prompts: list[list[int]], lengths: list[int], warmup: tuple[list[list[int]], list[int]],
+    concurrency: int, max_batched_tokens: int, num_blocks: int | None,
+) -> tuple[float, int, int, int | None]:
+    """transformers' continuous batching through its manager (generate_batch takes one max_new_tokens for all
+    requests): add_request with each request's own max_new_tokens, EOS off. The warm-up requests run first on the same
+    manager, untimed. (wall seconds, output tokens produced, requests finished, KV cache bytes)."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    generation_config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(lengths))
+    cb_config = ContinuousBatchingConfig(
+        page_size=HF_PAGE_SIZE, num_blocks=num_blocks, max_requests_per_batch=concurrency, max_batch_tokens=max_batched_tokens
+    )  # fmt: skip
+    hints = WorkloadHints(max_prompt_length=max(map(len, prompts)), max_generated_length=max(lengths), num_requests=len(prompts))
+
+    def run(manager, batch: list[list[int]], new: list[int], tag: str) -> dict:
+        ids = [manager.add_request(p, request_id=f"{tag}{i}", max_new_tokens=n, eos_token_id=-1) for i, (p, n) in enumerate(zip(batch, new))]
+        results: dict = {}
+        while len(results) < len(ids):
+            result = manager.get_result(timeout=1)
+            if result is None:
+                if not manager.is_running():
+                    raise RuntimeError(f"transformers' generation thread stopped with {len(ids) - len(results)} requests unfinished")
+                continue
+            if result.is_finished():
+                if result.error is not None:
+                    raise RuntimeError(f"transformers failed request {result.request_id}: {result.error}")
+                results[result.request_id] = result
+        return results
+
+    with torch.inference_mode():
+        manager = hf.init_continuous_batching(generation_config=generation_config, continuous_batching_config=cb_config, workload_hints=hints)
+        try:
+            manager.warmup()  # graphs or compilation where transformers uses them (not on a CPU)
+            manager.start()
+            run(manager, *warmup, "warmup")
+            synchronize(hf.device)
+            start = time.perf_counter()
+            results = run(manager, prompts, lengths, "r")
+            synchronize(hf.device)
+            wall = time.perf_counter() - start
+            cache = getattr(getattr(manager.batch_processor, "cache", None), "cache_tensor", None)
+            kv_bytes = cache.numel() * cache.element_size() if cache is not None else None
+        finally:
+            manager.stop(block=True, timeout=30)
+            manager.destroy()
+    return wall, sum(len(r.generated_tokens) for r in results.values()), len(results), kv_bytes
+
+
+def run_throughput(
+    model_name: str | None = None,
+    preset_name: str = "0.6B",
+    device: str | None = None,
+    dtype: str | None = None,
+    requests: int | None = None,
+    concurrency: int | None = None,
+    max_batched_tokens: int | None = None,
+    min_prompt_tokens: int | None = None,
+    max_prompt_tokens: int | None = None,
+    min_output_tokens: int | None = None,
+    max_output_tokens: int | None = None,
+    kv_memory: int | str | None = None,
+    engines: tuple[str, ...] = THROUGHPUT_ENGINES,
+    seed: int = 0,
+    on_row: Callable[[dict, ThroughputRow], None] | None = None,
+) -> tuple[dict, list[ThroughputRow]]:
+    """Offline throughput of every engine on the same requests; on_row(setup, row) sees each row as it is measured.
+
+    None picks the device's default (throughput_defaults; concurrency and max_batched_tokens: the engine's defaults,
+    given to transformers too). kv_memory None: every engine gets a KV cache that holds all the requests at once
+    (capped at the engine's default pool size); otherwise every engine gets that many bytes.
+    """
+    dev = torch.device(device) if device else default_device()
+    dt = parse_dtype(dtype) or default_dtype(dev)
+    defaults = throughput_defaults(dev)
+    requests = requests or defaults["requests"]
+    prompt_range = (min_prompt_tokens or defaults["min_prompt_tokens"], max_prompt_tokens or defaults["max_prompt_tokens"])
+    output_range = (min_output_tokens or defaults["min_output_tokens"], max_output_tokens or defaults["max_output_tokens"])
+    default_running, default_batched = default_limits(dev)
+    concurrency = concurrency or default_running
+    max_batched_tokens = max_batched_tokens or default_batched
+    for name, (low, high) in (("prompt", prompt_range), ("output", output_range)):
+        if not 1 <= low <= high:
+            raise ValueError(f"the {name} lengths must satisfy 1 <= min <= max, not {low} and {high}.")
+    if requests < 1 or concurrency < 1 or max_batched_tokens < 1:
+        raise ValueError("requests, concurrency and max_batched_tokens must be positive.")
+
+    model, checkpoint_dir = load_bench_model(model_name, preset_name, dev, dt)
+    cfg = model.config
+    prompts, lengths = throughput_workload(requests, prompt_range, output_range, cfg.vocab_size, seed)
+    # The warm-up: on a GPU as many requests as run at once, finishing one step apart, so that every decode batch
+    # size the timed run meets has its CUDA graph recorded (and compiled) beforehand; elsewhere two short requests.
+    warm = min(concurrency, requests) if dev.type == "cuda" else 2
+    warm_prompts, _ = throughput_workload(warm, (8, 8), (1, 1), cfg.vocab_size, seed + 1)
+    warmup = (warm_prompts, [2 + i for i in range(warm)])
+    prompt_tokens, wanted_tokens = sum(map(len, prompts)), sum(lengths)
+
+    block_size = 16
+    per_block = bytes_per_block(cfg, block_size, dt)
+    resident = per_block * (1 + sum(-(-(len(p) + n) // block_size) for p, n in zip(prompts, lengths)))
+    if kv_memory is None and resident <= default_kv_memory(dev):
+        kv_bytes = resident
+        hf_blocks = sum(-(-(len(p) + n) // HF_PAGE_SIZE) for p, n in zip(prompts, lengths))
+    else:
+        kv_bytes = default_kv_memory(dev) if kv_memory is None else parse_size(kv_memory)
+        hf_blocks = max(1, kv_bytes // bytes_per_block(cfg, HF_PAGE_SIZE, dt))
+
+    _, memory_kind = peak_memory(dev)
+    setup = {
+        "device": device_name(dev),
+        "dtype": str(dt).removeprefix("torch."),
+        "model": checkpoint_dir or f"random weights, Qwen3-{preset_name} shape",
+        "requests": requests,
+        "concurrency": concurrency,
+        "max_batched_tokens": max_batched_tokens,
+        "prompt_tokens": list(prompt_range),
+        "output_tokens": list(output_range),
+        "total_prompt_tokens": prompt_tokens,
+        "total_output_tokens": wanted_tokens,
+        "kv_memory": kv_memory,
+        "seed": seed,
+        "sampling": "greedy, EOS ignored",
+        "memory_kind": memory_kind,
+        "skipped": {},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    rows: list[ThroughputRow] = []
+    baseline: float | None = None
+
+    def add(row: ThroughputRow) -> None:
+        nonlocal baseline
+        if row.engine == "transformers":
+            baseline = row.output_tokens_per_s or None
+        row.vs_transformers = row.output_tokens_per_s / baseline if baseline and row.output_tokens_per_s else None
+        rows.append(row)
+        if on_row:
+            on_row(setup, row)
+
+    def failed(name: str, why: str) -> ThroughputRow:
+        return ThroughputRow(name, 0, 0, 0, 0.0, 0.0, 0.0, None, 0.0, None, why)
+
+    # transformers first: the baseline of every ratio; its copy of the model is freed before the qwen3gen rows.
+    order = sorted(engines, key=lambda e: e != "transformers")
+    for name in order:
+        if name == "qwen3gen-compiled" and dev.type != "cuda":
+            setup["skipped"][name] = "compile only changes the CUDA-graph decode steps; on this device it is the eager engine"
+            continue
+        free_memory(dev)
+        reset_peak_memory(dev)
+        if name == "transformers":
+            try:
+                import transformers  # noqa: F401
+            except ImportError:
+                add(failed(name, "transformers is not installed"))
+                continue
+            try:
+                hf = transformers_model(model, checkpoint_dir)
+                wall, produced, finished, hf_kv = transformers_throughput(
+                    hf, prompts, lengths, warmup, concurrency, max_batched_tokens, hf_blocks
+                )
+            except Exception as error:  # transformers' continuous batching is an optional baseline: say why, go on
+                add(failed(name, f"transformers' continuous batching failed: {type(error).__name__}: {error}"))
+                continue
+            finally:
+                hf = None
+            note = None if produced == wanted_tokens else f"produced {produced} of the {wanted_tokens} output tokens asked for"
+            add(ThroughputRow(
+                name, finished, prompt_tokens, produced, wall, produced / wall, (prompt_tokens + produced) / wall, None,
+                peak_memory(dev)[0] / 2**20, hf_kv / 2**20 if hf_kv else None, note,
+            ))  # fmt: skip
+        elif name in ("qwen3gen", "qwen3gen-compiled"):
+            engine = Engine(
+                model, kv_memory=kv_bytes, block_size=block_size, max_running=concurrency,
+                max_batched_tokens=max_batched_tokens, compile=name.endswith("compiled"),
+            )  # fmt: skip
+            qwen3gen_throughput(engine, *warmup)
+            engine.reset_prefix_cache()
+            wall, produced = qwen3gen_throughput(engine, prompts, lengths)
+            stats = engine.stats()
+            note = f"{stats['preemptions']} preemptions" if stats["preemptions"] else None
+            add(ThroughputRow(
+                name, requests, prompt_tokens, produced, wall, produced / wall, (prompt_tokens + produced) / wall, None,
+                peak_memory(dev)[0] / 2**20, stats["kv_pool_bytes"] / 2**20, note,
+            ))  # fmt: skip
+            engine = None
+        else:
+            raise ValueError(f"unknown engine {name!r} (known: {', '.join(THROUGHPUT_ENGINES)}).")
+    free_memory(dev)
+    return setup, rows
+
+
+THROUGHPUT_TABLE_HEAD = (
+    "| engine | output tok/s | total tok/s | x transformers | wall s | output tokens | peak MiB | KV pool MiB | note |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---|"
+)
+
+
+def format_throughput_setup(setup: dict) -> str:
+    (p0, p1), (o0, o1) = setup["prompt_tokens"], setup["output_tokens"]
+    skipped = "".join(f" | {name} skipped: {why}" for name, why in setup["skipped"].items())
+    memory = setup["memory_kind"] + (" (the process's peak so far: not reset between rows)" if setup["memory_kind"] == "cpu-rss" else "")
+    return (
+        f"{setup['model']} | {setup['device']} {setup['dtype']} | {setup['requests']} requests, concurrency "
+        f"{setup['concurrency']}, {setup['max_batched_tokens']} tokens per step | prompts {p0}-{p1} tokens "
+        f"({setup['total_prompt_tokens']} in all), outputs {o0}-{o1} ({setup['total_output_tokens']} in all) | "
+        f"{setup['sampling']}, seed {setup['seed']} | peak memory: {memory} | torch {setup['torch']}, "
+        f"{setup['threads']} threads{skipped}"
+    )
+
+
+def format_throughput_row(r: ThroughputRow) -> str:
+    ratio = f"{r.vs_transformers:.2f}" if r.vs_transformers else "-"
+    kv = f"{r.kv_pool_mib:.0f}" if r.kv_pool_mib else "-"
+    if not r.output_tokens:
+        return f"| {r.engine} | - | - | - | - | - | - | - | {r.note or ''} |"
+    return (
+        f"| {r.engine} | {r.output_tokens_per_s:.1f} | {r.total_tokens_per_s:.1f} | {ratio} | {r.wall_s:.1f} "
+        f"| {r.output_tokens} | {r.peak_memory_mib:.0f} | {kv} | {r.note or ''} |"
+    )

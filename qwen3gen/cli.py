@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import checkpoint
-from .bench import ENGINES, TABLE_HEAD, BenchRow, format_row, format_setup, run_bench, to_json
+from .bench import (
+    ENGINES, TABLE_HEAD, THROUGHPUT_ENGINES, THROUGHPUT_TABLE_HEAD, format_row, format_setup, format_throughput_row,
+    format_throughput_setup, run_bench, run_throughput, to_json,
+)
 from .errors import InvalidParameterError, Qwen3GenError
 from .llm import LLM, load
 from .quantize import QUANTIZATIONS
@@ -88,8 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=256)
     bench.add_argument("--batch", type=int, default=1, help="rows decoded together")
     bench.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up run)")
-    bench.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    bench.add_argument("--engines", help=f"comma-separated subset of {','.join(ENGINES)} (with --throughput: of {','.join(THROUGHPUT_ENGINES)})")
     bench.add_argument("--json", action="store_true", help="print the setup and rows as JSON")
+    workload = bench.add_argument_group("--throughput: the offline workload (defaults: 256 requests of 100-1,024 + 100-1,024 tokens on a GPU, 8 of 16-64 + 16-64 on a CPU)")
+    workload.add_argument("--throughput", action="store_true", help="many requests of random lengths through the engine and transformers' continuous batching")
+    workload.add_argument("--requests", type=int, help="how many requests")
+    workload.add_argument("--concurrency", type=int, help="most requests running at once (default: the engine's max_running)")
+    workload.add_argument("--min-prompt-tokens", type=int)
+    workload.add_argument("--max-prompt-tokens", type=int)
+    workload.add_argument("--min-output-tokens", type=int)
+    workload.add_argument("--max-output-tokens", type=int)
+    workload.add_argument("--kv-memory", help="KV pool of every engine (default: room for all the requests at once)")
+    workload.add_argument("--max-batched-tokens", type=int, help="token budget of one step")
     return parser
 
 
@@ -185,19 +198,34 @@ def run_chat(llm: LLM, args: argparse.Namespace) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> None:
-    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
-    unknown = [e for e in engines if e not in ENGINES]
+    known = THROUGHPUT_ENGINES if args.throughput else ENGINES
+    engines = tuple(e.strip() for e in (args.engines or ",".join(known)).split(",") if e.strip())
+    unknown = [e for e in engines if e not in known]
     if unknown:
-        raise InvalidParameterError(f"unknown engine {unknown[0]!r} (choose from {', '.join(ENGINES)}).")
-    shown: list[BenchRow] = []
+        raise InvalidParameterError(f"unknown engine {unknown[0]!r} (choose from {', '.join(known)}).")
+    shown: list[object] = []
 
-    def show(setup: dict, row: BenchRow) -> None:
-        """Print each row as soon as it is measured (the header before the first)."""
-        if not shown:
-            print(format_setup(setup), "", TABLE_HEAD, sep="\n")
-        shown.append(row)
-        print(format_row(row), flush=True)
+    def printer(setup_line: Callable[[dict], str], head: str, line: Callable) -> Callable[[dict, object], None]:
+        def show(setup: dict, row: object) -> None:
+            """Print each row as soon as it is measured (the header before the first)."""
+            if not shown:
+                print(setup_line(setup), "", head, sep="\n")
+            shown.append(row)
+            print(line(row), flush=True)
 
+        return show
+
+    if args.throughput:
+        show = printer(format_throughput_setup, THROUGHPUT_TABLE_HEAD, format_throughput_row)
+        setup, rows = run_throughput(
+            args.model, args.preset, args.device, args.dtype, args.requests, args.concurrency, args.max_batched_tokens,
+            args.min_prompt_tokens, args.max_prompt_tokens, args.min_output_tokens, args.max_output_tokens,
+            args.kv_memory, engines, on_row=None if args.json else show,
+        )  # fmt: skip
+        if args.json:
+            print(to_json(setup, rows))
+        return
+    show = printer(format_setup, TABLE_HEAD, format_row)
     setup, rows = run_bench(
         args.model, args.preset, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.reps,
         args.quantize, engines, on_row=None if args.json else show,

@@ -6,7 +6,10 @@ import torch
 from checkpoints import TINY
 
 from qwen3gen import cli
-from qwen3gen.bench import random_model, run_bench, transformers_model
+from qwen3gen.bench import (
+    THROUGHPUT_TABLE_HEAD, format_throughput_row, format_throughput_setup, random_model, run_bench, run_throughput,
+    to_json, transformers_model,
+)
 from qwen3gen.config import Qwen3Config
 
 
@@ -31,3 +34,32 @@ def test_random_model_in_transformers_is_the_same_model():
     ids = torch.randint(0, 151643, (1, 7))
     with torch.inference_mode():
         torch.testing.assert_close(transformers_model(ours, None)(ids).logits, ours(ids), atol=1e-4, rtol=0)
+
+
+def test_throughput_rows(tiny_checkpoint):
+    seen = []
+    setup, rows = run_throughput(
+        str(tiny_checkpoint), device="cpu", dtype="float32", requests=6, min_prompt_tokens=4, max_prompt_tokens=24,
+        min_output_tokens=2, max_output_tokens=12, engines=("qwen3gen", "transformers"), on_row=lambda s, r: seen.append(r),
+    )  # fmt: skip
+    assert [r.engine for r in rows] == ["transformers", "qwen3gen"] and seen == rows  # transformers first: the baseline
+    hf, ours = rows
+    assert setup["requests"] == 6 and 12 <= setup["total_output_tokens"] <= 72
+    for row in rows:  # EOS ignored: every request produced exactly its length
+        assert row.note is None and row.requests == 6
+        assert row.output_tokens == setup["total_output_tokens"] and row.prompt_tokens == setup["total_prompt_tokens"]
+        assert row.wall_s > 0 and row.total_tokens_per_s > row.output_tokens_per_s > 0 and row.kv_pool_mib > 0
+    assert hf.vs_transformers == 1.0 and ours.vs_transformers == ours.output_tokens_per_s / hf.output_tokens_per_s
+    table = "\n".join([format_throughput_setup(setup), THROUGHPUT_TABLE_HEAD, *map(format_throughput_row, rows)])
+    assert "| qwen3gen |" in table and json.loads(to_json(setup, rows))["rows"][1]["output_tokens"] == ours.output_tokens
+
+
+def test_throughput_command_prints_its_table(tiny_checkpoint, capsys):
+    code = cli.main([
+        "bench", "--throughput", "--model", str(tiny_checkpoint), "--device", "cpu", "--requests", "3",
+        "--min-prompt-tokens", "4", "--max-prompt-tokens", "9", "--min-output-tokens", "2", "--max-output-tokens", "5",
+        "--engines", "qwen3gen", "--kv-memory", "8MiB",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "| qwen3gen |" in out and "output tok/s" in out
+    assert cli.main(["bench", "--throughput", "--engines", "transformers-static"]) == 1

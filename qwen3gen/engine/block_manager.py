@@ -109,6 +109,12 @@ class BlockManager:
             if digest not in self.cached:  # else an equal block is cached already: that one stays the hit
                 self.cached[digest], self.hashes[block], self.tokens[block] = block, digest, chunk
 
+    def reset_cache(self) -> None:
+        """Forget every cached block (their contents stay, as plain free or held blocks)."""
+        self.cached.clear()
+        self.hashes = [None] * self.num_blocks
+        self.tokens = [None] * self.num_blocks
+
     def release(self, request: Request) -> None:
         """Drop the request's blocks: cached ones stay reusable (the last of a request's blocks evicted first), the
         others go to the front of the free list, to be taken first."""

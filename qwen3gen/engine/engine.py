@@ -191,6 +191,11 @@ class Engine:
         self.scheduler.remove(request)
         self.sampler.release(request)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the prefix cache: later requests compute their prompts again (benchmarks repeating one workload)."""
+        with self._lock:
+            self.blocks.reset_cache()
+
     def stats(self) -> dict:
         with self._lock:
             blocks = self.blocks
