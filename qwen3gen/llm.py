@@ -83,7 +83,7 @@ class Run:
     are freed."""
 
     def __init__(self, llm: "LLM", request_ids: list[str]) -> None:
-        self.engine = llm.engine
+        self.engine, self.tokenizer = llm.engine, llm.tokenizer
         self.ids = request_ids
         self.tokens: dict[str, list[int]] = {i: [] for i in request_ids}
         self.text: dict[str, list[str]] = {i: [] for i in request_ids}
@@ -134,7 +134,8 @@ class Run:
         )
         asked = request.params.logprobs is not None
         return Generation(
-            "".join(self.text[request_id]), self.tokens[request_id], out.finish_reason or "length", stats,
+            self.tokenizer.decode(self.tokens[request_id]) if request.text is None else "".join(self.text[request_id]),
+            self.tokens[request_id], out.finish_reason or "length", stats,
             self.logprobs[request_id] if asked else None, self.prompt_logprobs.get(request_id),
         )  # fmt: skip
 
@@ -226,12 +227,13 @@ class LLM:
             raise InvalidParameterError("the prompt is empty.")
         return ids
 
-    def start(self, prompts: list[list[int]], params: list[SamplingParams]) -> Run:
-        """Add every request to the engine (all or none: a refused one takes back the ones added before it)."""
+    def start(self, prompts: list[list[int]], params: list[SamplingParams], stream: bool) -> Run:
+        """Add every request to the engine (all or none: a refused one takes back the ones added before it). Not
+        streamed, a request without stop strings is detokenized once at the end, not at every step."""
         added: list[str] = []
         try:
             for prompt, p in zip(prompts, params):
-                added.append(self.engine.add_request(prompt, p))
+                added.append(self.engine.add_request(prompt, p, text=stream))
         except BaseException:
             for request_id in added:
                 self.engine.abort(request_id)
@@ -280,7 +282,7 @@ class LLM:
             if len(per_prompt) != len(prompts) or not all(isinstance(p, SamplingParams) for p in per_prompt):
                 raise InvalidParameterError(f"params must be one SamplingParams or one per prompt ({len(prompts)}).")
         requests = [(ids, sample_params(p, i)) for ids, p in zip(prompts, per_prompt) for i in range(n)]
-        results = self.start([ids for ids, _ in requests], [p for _, p in requests]).wait()
+        results = self.start([ids for ids, _ in requests], [p for _, p in requests], stream=False).wait()
         if n > 1:
             results = [results[i : i + n] for i in range(0, len(results), n)]
         return results if batched else results[0]
@@ -288,7 +290,7 @@ class LLM:
     def stream(self, prompt: Prompt, max_new_tokens: int | None = None, *, stop: str | Sequence[str] | None = None, **sampling: object) -> TextStream:
         """Like generate, for one prompt, yielding text pieces as soon as they are final."""
         params = self.sampling_params(max_new_tokens=max_new_tokens, stop=stop, **sampling)
-        return TextStream(self.start([self.encode_prompt(prompt)], [params]))
+        return TextStream(self.start([self.encode_prompt(prompt)], [params], stream=True))
 
     def chat_stream(self, messages: list[dict], enable_thinking: bool = True, max_new_tokens: int | None = None, **kwargs: object) -> "ChatStream":
         """Stream the assistant's reply as ("reasoning" | "answer", text) pieces. A conversation resent with one more

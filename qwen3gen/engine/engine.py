@@ -79,9 +79,13 @@ class Engine:
         self._ids = itertools.count()
         self.steps = self.generated_tokens = self.computed_prompt_tokens = 0
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None,
+        text: bool = True,
+    ) -> str:  # fmt: skip
         """Queue a request; returns its id. Refused at once (InvalidParameterError, ContextLengthError,
-        OutOfMemoryError) when it could never run."""
+        OutOfMemoryError) when it could never run. text=False: its outputs carry no text (no detokenizing at every
+        step), unless it has stop strings, which need it."""
         params = params or SamplingParams()
         ids = [int(t) for t in prompt_ids]
         vocab, context = self.config.vocab_size, self.config.max_position_embeddings
@@ -110,7 +114,8 @@ class Engine:
             if request_id in self.requests:
                 raise InvalidParameterError(f"a request with id {request_id!r} is already in the engine.")
             params = params if params.max_new_tokens else replace(params, max_new_tokens=max_new)
-            text = TextState(self.tokenizer, params.stop) if self.tokenizer is not None else None
+            text = self.tokenizer is not None and (text or bool(params.stop))
+            text = TextState(self.tokenizer, params.stop) if text else None
             eos = frozenset() if params.ignore_eos else self.eos_ids
             request = Request(request_id, ids, params, eos, signed64(seed), text)
             self.requests[request_id] = request
