@@ -107,8 +107,8 @@ class Run:
                         self.finished[out.request_id] = out
                 yield outputs
         finally:
-            for request_id in self.ids:
-                if request_id not in self.finished:
+            for request_id in self.ids:  # a step that failed has taken its requests out already
+                if request_id not in self.finished and request_id in self.engine.requests:
                     self.engine.abort(request_id)
 
     def wait(self) -> list[Generation]:

@@ -250,3 +250,21 @@ def test_0_6b_shape_engine_equals_transformers(tmp_path, tokenizer_dir):
     prompts = random_prompts([20, 7, 33], seed=14)
     outs = llm.generate(prompts, max_new_tokens=4, temperature=0.0, ignore_eos=True)
     assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 4) for p in prompts]
+
+
+def test_a_step_that_fails_leaves_no_request_or_cached_block_behind(tiny_llm, monkeypatch):
+    engine = engine_for(tiny_llm)
+    free = engine.stats()["kv_blocks_free"]
+    prompt = random_prompts([40], seed=15)[0]
+    engine.add_request(prompt, greedy(4))
+
+    def interrupted(requests, num_tokens):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.runner, "run", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            engine.step()
+    assert not engine.has_unfinished() and not engine.requests and engine.stats()["kv_blocks_free"] == free
+    assert run(engine, {0: [(prompt, greedy(4))]}) == run(engine_for(tiny_llm), {0: [(prompt, greedy(4))]})
+    assert engine.stats()["prefix_cache_hit_tokens"] == 0  # the failed step's blocks were never offered as hits

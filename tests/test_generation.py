@@ -225,3 +225,27 @@ def test_batch_rows_finish_on_their_own(tiny_llm):
     assert (rows[0].finish_reason, rows[1].finish_reason) == ("length", "stop")
     assert rows[0].token_ids == free[0].token_ids
     assert rows[1].token_ids == free[1].token_ids[: free[1].token_ids.index(eos)]
+
+
+def test_an_interrupted_generation_frees_its_blocks(tiny_llm, monkeypatch):
+    """Ctrl-C during a step: the interrupt reaches the caller, and the engine holds nothing of the request."""
+    free = tiny_llm.engine.stats()["kv_blocks_free"]
+    calls = []
+    run = tiny_llm.engine.runner.run
+
+    def interrupted(requests, num_tokens):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return run(requests, num_tokens)
+
+    monkeypatch.setattr(tiny_llm.engine.runner, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_llm.generate([PROMPT, "Hi"], max_new_tokens=20, temperature=0.0)
+    stream = tiny_llm.stream(PROMPT, max_new_tokens=20, temperature=0.0)
+    next(iter(stream))
+    del stream  # a stream dropped half-way
+    import gc
+
+    gc.collect()
+    assert not tiny_llm.engine.has_unfinished() and tiny_llm.engine.stats()["kv_blocks_free"] == free

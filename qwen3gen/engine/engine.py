@@ -144,7 +144,15 @@ class Engine:
                 return []
             for request, n in zip(scheduled.requests, scheduled.num_tokens):
                 self.computed_prompt_tokens += max(0, min(request.num_computed + n, request.prompt_len) - request.num_computed)
-            step = self.runner.run(scheduled.requests, scheduled.num_tokens)
+            try:
+                step = self.runner.run(scheduled.requests, scheduled.num_tokens)
+            except BaseException:  # an interrupt, or a failed kernel: this step's blocks were entered as cached
+                self.blocks.reset_cache()  # but never computed, and its requests cannot go on
+                for request in scheduled.requests:
+                    request.finish("abort", flush=False)
+                    self._leave(request)
+                    self.requests.pop(request.request_id, None)
+                raise
             for request, n in zip(scheduled.requests, scheduled.num_tokens):
                 request.num_computed += n
             outputs = self._sample(step)
