@@ -15,7 +15,8 @@ CUDA, kernels/cpu.py's C kernels on an AVX2 CPU), with one contract.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
@@ -66,7 +67,7 @@ class PagedBatch:
 
     slots [tokens]: where each new token's key and value go. query_lens, seq_lens [requests]: new tokens, and tokens
     of context once they are written (the new ones are the last query_lens of it). block_tables [requests, blocks].
-    decode: every request has exactly one new token (the kernels' case).
+    decode: every request has exactly one new token (the case of the kernels' whole decode step).
     """
 
     backend: AttentionBackend
@@ -75,13 +76,13 @@ class PagedBatch:
     query_lens: torch.Tensor
     seq_lens: torch.Tensor
     block_tables: torch.Tensor
-    max_query_len: int
-    max_seq_len: int
+    host_lens: tuple[list[int], list[int]]  # query_lens and seq_lens on the host: the shapes of the reference's layout
     dtype: torch.dtype  # the activations'
 
-    @property
-    def decode(self) -> bool:
-        return self.max_query_len == 1
+    decode: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decode = max(self.host_lens[0]) == 1  # a field, not a property: compiled steps read it as a constant
 
     @property
     def kernels(self) -> ModuleType | None:
@@ -100,46 +101,72 @@ class PagedBatch:
         v_cache[blocks, :, offsets] = v
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The reference: write k, v, then q [tokens, heads, dim] attends over each request's context gathered from the
-        pool, causally: returns [tokens, heads, dim]. Requests are padded to the longest query and context of the step
-        (masked, never read as values), so the whole step is one SDPA call."""
+        """Write k, v, then q [tokens, heads, dim] attends over each request's context in the pool, causally: returns
+        [tokens, heads, dim]. The step's decoding requests (one new token) and its prefill chunks are two groups: the
+        decodes run through the backend's decode_attention where it has one, else each group is one SDPA call over
+        keys gathered from the pool, padded to the group's longest query and context (the reference). Two groups keep
+        a long chunk's padding from multiplying over every decode of the step."""
         self.write(layer, k, v)
         k_cache, v_cache = self.caches[layer]
-        gather = self.gather
-        keys = k_cache[gather.key_blocks, :, gather.key_offsets].transpose(1, 2)  # [requests, kv_heads, keys, dim]
-        values = v_cache[gather.key_blocks, :, gather.key_offsets].transpose(1, 2)
-        queries = q[gather.query_rows].transpose(1, 2)  # [requests, heads, queries, dim]
-        out = sdpa(queries, keys, values, gather.mask, self.backend.fold)
-        return out.transpose(1, 2)[gather.query_valid]
+        out = None if len(self.groups) == 1 else q.new_empty(q.shape)
+        for group in self.groups:
+            if group.decode and self.backend.kernels is not None:
+                part = self.backend.kernels.decode_attention(
+                    q[group.tokens, :, None], k_cache, v_cache, group.block_tables, group.seq_lens
+                )[:, :, 0]  # fmt: skip
+            else:
+                keys = k_cache[group.key_blocks, :, group.key_offsets].transpose(1, 2)  # [requests, kv_heads, keys, dim]
+                values = v_cache[group.key_blocks, :, group.key_offsets].transpose(1, 2)
+                queries = q[group.query_rows].transpose(1, 2)  # [requests, heads, queries, dim]
+                part = sdpa(queries, keys, values, group.mask, self.backend.fold).transpose(1, 2)[group.query_valid]
+            if out is None:
+                return part
+            out[group.tokens] = part
+        return out
 
     @functools.cached_property
-    def gather(self) -> "Gather":
-        return Gather.of(self)
+    def groups(self) -> list["Group"]:
+        """The step's decodes and its prefill chunks (one group when there is one kind), computed once for all layers."""
+        query_lens, seq_lens = self.host_lens
+        starts = list(itertools.accumulate(query_lens, initial=0))
+        kinds = [[i for i, n in enumerate(query_lens) if (n == 1) == decode] for decode in (True, False)]
+        return [Group.of(self, rows, query_lens, seq_lens, starts, decode) for rows, decode in zip(kinds, (True, False)) if rows]
 
 
 @dataclass
-class Gather:
-    """The reference's padded layout of one step, computed once for all layers."""
+class Group:
+    """Requests of one step attended together: their tokens, and the reference's padded layout of them."""
 
-    query_rows: torch.Tensor  # [requests, max_query_len]: the flat token of each padded query
-    query_valid: torch.Tensor  # [requests, max_query_len] bool
-    key_blocks: torch.Tensor  # [requests, max_seq_len]: block and offset of each context slot
+    decode: bool
+    tokens: torch.Tensor  # [group tokens]: where they are among the step's tokens
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_rows: torch.Tensor  # [requests, max query]: the step's token of each padded query
+    query_valid: torch.Tensor  # [requests, max query] bool
+    key_blocks: torch.Tensor  # [requests, max context]: block and offset of each context slot
     key_offsets: torch.Tensor
-    mask: torch.Tensor  # [requests, 1, max_query_len, max_seq_len] additive, in the activations' dtype
+    mask: torch.Tensor  # [requests, 1, max query, max context] additive, in the activations' dtype
 
     @classmethod
-    def of(cls, batch: PagedBatch) -> "Gather":
+    def of(
+        cls, batch: PagedBatch, rows: list[int], query_lens: list[int], seq_lens: list[int], starts: list[int],
+        decode: bool,
+    ) -> "Group":  # fmt: skip
         device = batch.slots.device
-        query_lens, seq_lens = batch.query_lens.long(), batch.seq_lens.long()
-        starts = torch.cumsum(query_lens, 0) - query_lens
-        i = torch.arange(batch.max_query_len, device=device)
-        j = torch.arange(batch.max_seq_len, device=device)
-        query_valid = i < query_lens[:, None]
-        query_rows = (starts[:, None] + i).clamp(max=batch.slots.shape[0] - 1)
+        tokens = torch.tensor([t for r in rows for t in range(starts[r], starts[r] + query_lens[r])], device=device)
+        picked = torch.tensor(rows, device=device)
+        tables, lens = batch.block_tables[picked], batch.seq_lens[picked]
+        max_query, max_seq = max(query_lens[r] for r in rows), max(seq_lens[r] for r in rows)
+        q_lens = torch.tensor([query_lens[r] for r in rows], device=device)
+        local = torch.cumsum(q_lens, 0) - q_lens  # each request's first token within the group
+        i = torch.arange(max_query, device=device)
+        j = torch.arange(max_seq, device=device)
+        query_valid = i < q_lens[:, None]
+        query_rows = tokens[(local[:, None] + i).clamp(max=len(tokens) - 1)]
         size = batch.block_size
-        key_blocks = batch.block_tables.long().gather(1, (j // size).clamp(max=batch.block_tables.shape[1] - 1).expand(len(seq_lens), -1))
-        positions = seq_lens[:, None] - query_lens[:, None] + i  # each query's position in its request
-        allowed = (j <= positions[:, :, None]) & (j < seq_lens[:, None, None])
+        key_blocks = tables.long().gather(1, (j // size).clamp(max=tables.shape[1] - 1).expand(len(rows), -1))
+        positions = lens.long()[:, None] - q_lens[:, None] + i  # each query's position in its request
+        allowed = (j <= positions[:, :, None]) & (j < lens.long()[:, None, None])
         allowed |= ~query_valid[:, :, None] & (j == 0)  # a padding query sees one slot: no empty row, no NaN
         mask = torch.zeros(allowed.shape, dtype=batch.dtype, device=device).masked_fill_(~allowed, float("-inf"))[:, None]
-        return cls(query_rows, query_valid, key_blocks, (j % size).expand_as(key_blocks), mask)
+        return cls(decode, tokens, tables, lens, query_rows, query_valid, key_blocks, (j % size).expand_as(key_blocks), mask)

@@ -66,7 +66,7 @@ def attention_step(cfg: qwen3gen.Qwen3Config, dtype: torch.dtype, kernels: Modul
     slots = tables.long().gather(1, (positions // BLOCK_SIZE)[:, None])[:, 0] * BLOCK_SIZE + positions % BLOCK_SIZE
     batch = PagedBatch(
         AttentionBackend(kernels, fold=True), [(k_cache, v_cache)], slots, torch.ones_like(seq_lens), seq_lens, tables,
-        max_query_len=1, max_seq_len=max(SEQ_LENS), dtype=dtype,
+        host_lens=([1] * len(SEQ_LENS), SEQ_LENS), dtype=dtype,
     )  # fmt: skip
     rope = rotary_angles(positions[None], cfg.head_dim, cfg.rope_theta, dtype)
     x = torch.randn(1, len(SEQ_LENS), cfg.hidden_size, dtype=dtype)

@@ -123,7 +123,7 @@ def test_block_decodes_one_token_with_the_kernels(quantized):
         pool = (k_cache.clone(), v_cache.clone())
         batch = PagedBatch(
             AttentionBackend(kernels, fold=True), [pool], slots, torch.ones_like(seq_lens), seq_lens, tables,
-            max_query_len=1, max_seq_len=20, dtype=torch.float32,
+            host_lens=([1], [20]), dtype=torch.float32,
         )  # fmt: skip
         with torch.no_grad():
             outs.append(block(x, rope, batch))

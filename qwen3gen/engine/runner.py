@@ -44,7 +44,7 @@ class ModelRunner:
         as_tensor = lambda values: torch.tensor(values, dtype=torch.int32, device=self.device)  # noqa: E731
         return PagedBatch(
             self.backend, self.pool.caches, slots, as_tensor(query_lens), as_tensor(seq_lens), tables,
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens), dtype=self.dtype,
+            host_lens=(query_lens, seq_lens), dtype=self.dtype,
         )  # fmt: skip
 
     def block_tables(self, requests: list[Request], width: int) -> torch.Tensor:
