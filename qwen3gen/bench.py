@@ -322,8 +322,8 @@ class ThroughputRow:
 
 
 def throughput_defaults(device: torch.device) -> dict:
-    """nano-vllm's workload on a GPU; a smaller one elsewhere, that a 2-core CPU runs in about a minute per engine
-    (Qwen3-0.6B's shape in bfloat16: transformers 54 s, qwen3gen 44 s)."""
+    """nano-vllm's workload on a GPU; a smaller one elsewhere, that a 2-core CPU runs in about a minute per engine with
+    Qwen3-0.6B's shape in bfloat16 (BENCHMARKS.md)."""
     if device.type == "cuda":
         return dict(requests=256, min_prompt_tokens=100, max_prompt_tokens=1024, min_output_tokens=100, max_output_tokens=1024)
     return dict(requests=8, min_prompt_tokens=16, max_prompt_tokens=64, min_output_tokens=16, max_output_tokens=64)

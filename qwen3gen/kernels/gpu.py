@@ -305,9 +305,8 @@ FUSED_HEAD = False  # on CUDA cuBLAS reads the output head as fast as matvec wou
 
 
 # (rows per program, columns per step) for Qwen3-0.6B's four products, (N, K), 4 warps; other shapes are tuned. Timed
-# alone, several settings come within noise of each other, and the tuning picked differently on every cold start: the
-# engine then ran 1,119-1,222 tok/s over five cold starts on one H200. With these (the fastest start's picks), two cold
-# starts ran 1,221.4 and 1,220.9 (BENCHMARKS.md, eighth session).
+# alone, several settings come within noise of each other, and the tuning picked differently on every cold start, which
+# made the engine's speed vary from start to start; these are the fastest start's picks (BENCHMARKS.md, history).
 MATVEC_PINNED = {(4096, 1024): (4, 512), (1024, 2048): (2, 1024), (6144, 1024): (4, 1024), (1024, 3072): (2, 1024)}
 
 
