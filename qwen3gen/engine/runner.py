@@ -88,6 +88,18 @@ class ModelRunner:
         return self.graphs[size].replay(requests, tokens, starts)[: len(requests)]
 
 
+def compile_options(device: torch.device) -> dict[str, bool]:
+    """Inductor settings for a compiled decode step, for that compilation only. On CUDA: tuned reductions (the
+    products of small batches become reductions fused with their neighbours) and programmatic dependent launch where
+    this PyTorch has it (each kernel launched while the one before it finishes; a decode step is many short kernels)."""
+    if device.type != "cuda":
+        return {}
+    options = {"coordinate_descent_tuning": True}
+    if hasattr(torch._inductor.config.triton, "enable_pdl"):  # a setting of recent PyTorch releases
+        options["triton.enable_pdl"] = True
+    return options
+
+
 class DecodeGraph:
     """One decode step of `size` rows recorded as a CUDA graph over fixed input buffers (rows past the real ones
     decode token 0 into slot 0 of the scratch block, with a context of one slot)."""
@@ -102,7 +114,7 @@ class DecodeGraph:
         self.batch = runner.batch(self.slots, [1] * size, [1] * size, self.tables)
         self.forward: Callable[..., torch.Tensor] = runner.model
         if runner.compile:
-            self.forward = torch.compile(runner.model, fullgraph=True, dynamic=False)
+            self.forward = torch.compile(runner.model, fullgraph=True, dynamic=False, options=compile_options(device))
         self.logits = self.record()
 
     def step(self) -> torch.Tensor:
