@@ -16,8 +16,8 @@ and gate/up are each held as one matrix (one larger kernel reads it, where three
 The model holds no cache. Called plainly it runs a causal pass over [batch, tokens]; called by the engine it gets one
 step's PagedBatch (attention.py), whose pool holds the keys and values and whose backend says how attention runs. A
 decode step whose backend has kernels runs the same math through them (Block.decode_one_token, Attention.attend):
-q/k norm, rotation and cache write as one kernel, attention as another, and at one token the four products with the
-norms, SwiGLU and residual adds inside.
+q/k norm, rotation and cache write as one kernel, attention as another, and for up to kernels.MATVEC_ROWS requests
+the four products with the norms, SwiGLU and residual adds inside.
 """
 
 from __future__ import annotations
@@ -145,15 +145,16 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: Rope, batch: PagedBatch | None) -> torch.Tensor:
-        if batch is not None and batch.kernels is not None and x.shape[1] == 1:
+        if batch is not None and batch.kernels is not None and x.shape[1] <= batch.kernels.MATVEC_ROWS:
             return self.decode_one_token(x, rope, batch)
         x = x + self.self_attn(self.input_layernorm(x), rope, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def decode_one_token(self, x: torch.Tensor, rope: Rope, batch: PagedBatch) -> torch.Tensor:
-        """forward for the one token of a one-request decode step as four products, each with its neighbours inside:
-        each norm inside the product after it, SwiGLU inside the down product, each residual add inside the product
-        before it; q/k norm, rotation and cache writes one kernel more, and attention another (Attention.attend)."""
+        """forward for the new tokens of a decode step of up to kernels.MATVEC_ROWS requests as four products, each
+        with its neighbours inside: each norm inside the product after it, SwiGLU inside the down product, each
+        residual add inside the product before it; q/k norm, rotation and cache writes one kernel more, and attention
+        another (Attention.attend)."""
         attn, mlp, kernels = self.self_attn, self.mlp, batch.kernels
         qkv = fused_linear(kernels, x, attn.qkv_proj, norm=self.input_layernorm)
         x = fused_linear(kernels, attn.attend(qkv, rope, batch), attn.o_proj, residual=x)
@@ -234,7 +235,7 @@ class Qwen3(nn.Module):
         """The final norm and the output head of hidden states x [..., hidden]."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         kernels = None if batch is None else batch.kernels
-        if x.numel() == x.shape[-1] and kernels is not None and kernels.FUSED_HEAD:
-            return fused_linear(kernels, x.view(1, 1, -1), head, norm=self.norm).view(x.shape[:-1] + (-1,))
+        if kernels is not None and kernels.FUSED_HEAD and x.dim() == 2 and 0 < x.shape[0] <= kernels.MATVEC_ROWS:
+            return fused_linear(kernels, x[None], head, norm=self.norm)[0]  # [rows, hidden] as [1, rows, hidden]
         x = self.norm(x)
         return F.linear(x, head.weight) if self.lm_head is None else self.lm_head(x)

@@ -40,13 +40,17 @@ requires_kernel = pytest.mark.skipif(not cpu.available(CPU), reason="no AVX2 her
 @requires_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["plain", "norm", "swiglu+residual", "bias+residual", "int8", "int8+norm"])
-def test_matvec_matches_pytorch(case, dtype):
-    """residual + linear(input) for input x, RMSNorm(x), SwiGLU(x); int8 weights with per-row scales. K = 100 leaves a
-    tail of 36 after the 64-wide step; N = 301 rows split unevenly between threads."""
+@pytest.mark.parametrize("rows", [1, 3, 5, 9])
+def test_matvec_matches_pytorch(case, dtype, rows):
+    """residual + linear(input) for input x, RMSNorm(x), SwiGLU(x); int8 weights with per-row scales; for 1, 3, 5 and 9
+    input rows of very different sizes (each row its own norm; 5 rows in groups of 3 and 2, 9 of 4, 3 and 2). K = 100 leaves a tail of 36
+    after the 64-wide step (4 after the 32-wide one of several rows); N = 301 rows split unevenly between threads, and
+    leave one weight row after the pairs that several input rows take."""
     torch.manual_seed(0)
     n, k = 301, 100
     weight = torch.randn(n, k, dtype=dtype) / k**0.5
-    x = torch.randn(1, 1, 2 * k if "swiglu" in case else k, dtype=dtype)
+    sizes = torch.linspace(0.5, 4.0, rows)[:, None]  # a norm shared between rows would show
+    x = (torch.randn(1, rows, 2 * k if "swiglu" in case else k) * sizes).to(dtype)
     kwargs, inputs, scale = {}, x, None
     if "norm" in case:
         norm = RMSNorm(k, 1e-6).to(dtype)
@@ -65,13 +69,13 @@ def test_matvec_matches_pytorch(case, dtype):
     else:
         expected = F.linear(inputs.float(), weight.float(), None if "bias" not in kwargs else kwargs["bias"].float())
     if "residual" in case:
-        kwargs.update(residual=torch.randn(1, 1, n, dtype=dtype))
+        kwargs.update(residual=torch.randn(1, rows, n, dtype=dtype))
         expected = kwargs["residual"].float() + expected.to(dtype).float()
     out = cpu.matvec(
         x, weight, scale, kwargs.get("bias"), kwargs.get("norm_weight"), kwargs.get("eps", 0.0), kwargs.get("residual"),
         kwargs.get("swiglu", False),
     )  # fmt: skip
-    assert out.dtype == dtype and out.shape == (1, 1, n)
+    assert out.dtype == dtype and out.shape == (1, rows, n)
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.01)
     torch.testing.assert_close(out.float(), expected.to(dtype).float(), **tolerance)
 
@@ -169,10 +173,21 @@ def test_the_kernels_refuse_what_would_reach_outside_their_tensors():
         cpu.matvec(torch.zeros(1, 1, 31), torch.zeros(5, 32), None, None, None, 0.0, None, False)
     with pytest.raises(TypeError):
         cpu.matvec(torch.zeros(1, 1, 32), torch.zeros(32, 5).t(), None, None, None, 0.0, None, False)
+    with pytest.raises(ValueError, match="MATVEC_ROWS"):  # more rows than the kernel takes
+        cpu.matvec(torch.zeros(1, cpu.MATVEC_ROWS + 1, 32), torch.zeros(5, 32), None, None, None, 0.0, None, False)
+    with pytest.raises(ValueError, match="MATVEC_ROWS"):  # no rows
+        cpu.matvec(torch.zeros(1, 0, 32), torch.zeros(5, 32), None, None, None, 0.0, None, False)
+    with pytest.raises(ValueError):  # one row's residual for three rows
+        cpu.matvec(torch.zeros(1, 3, 32), torch.zeros(5, 32), None, None, None, 0.0, torch.zeros(1, 1, 5), False)
+    with pytest.raises(ValueError):  # rows along the first axis
+        cpu.matvec(torch.zeros(3, 1, 32), torch.zeros(5, 32), None, None, None, 0.0, None, False)
+    most = cpu.matvec(torch.ones(1, cpu.MATVEC_ROWS, 32), torch.ones(5, 32), None, None, None, 0.0, None, False)
+    assert most.shape == (1, cpu.MATVEC_ROWS, 5) and torch.equal(most, torch.full_like(most, 32.0))
 
 
 BLOCK = 4  # the model tests' pool: small blocks, so a dozen tokens cross several
 TABLE = [5, 2, 7, 1]  # the request's blocks, out of order, in a pool of 8
+TABLES = [TABLE, [3, 9, 11, 0], [10, 6, 4, 8]]  # three requests' blocks, in a pool of 12
 
 
 def random_weights(variant: str) -> qwen3gen.Qwen3:
@@ -189,33 +204,47 @@ def random_weights(variant: str) -> qwen3gen.Qwen3:
     return model
 
 
-def one_request(kernels, caches, positions: list[int]) -> PagedBatch:  # noqa: ANN001
-    """The PagedBatch of one request (blocks TABLE) whose new tokens sit at positions (its last ones)."""
-    slots = torch.tensor([TABLE[p // BLOCK] * BLOCK + p % BLOCK for p in positions])
+def one_request(kernels, caches, positions: list[int], table: list[int] = TABLE) -> PagedBatch:  # noqa: ANN001
+    """The PagedBatch of one request (blocks table) whose new tokens sit at positions (its last ones)."""
+    slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in positions])
     return PagedBatch(
         AttentionBackend(kernels, fold=True), caches, slots, torch.tensor([len(positions)], dtype=torch.int32),
-        torch.tensor([positions[-1] + 1], dtype=torch.int32), torch.tensor([TABLE], dtype=torch.int32),
-        max_query_len=len(positions), max_seq_len=positions[-1] + 1, dtype=torch.float32,
+        torch.tensor([positions[-1] + 1], dtype=torch.int32), torch.tensor([table], dtype=torch.int32),
+        host_lens=([len(positions)], [positions[-1] + 1]), dtype=torch.float32,
+    )  # fmt: skip
+
+
+def decode_requests(kernels, caches, positions: list[int]) -> PagedBatch:  # noqa: ANN001
+    """The PagedBatch of a decode step of len(positions) requests (blocks TABLES), request i's new token at positions[i]."""
+    tables = TABLES[: len(positions)]
+    slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for table, p in zip(tables, positions)])
+    seq_lens = [p + 1 for p in positions]
+    return PagedBatch(
+        AttentionBackend(kernels, fold=True), caches, slots, torch.ones(len(positions), dtype=torch.int32),
+        torch.tensor(seq_lens, dtype=torch.int32), torch.tensor(tables, dtype=torch.int32),
+        host_lens=([1] * len(positions), seq_lens), dtype=torch.float32,
     )  # fmt: skip
 
 
 @requires_kernel
 @pytest.mark.parametrize("variant", ["qwen3", "int8", "qwen2"])
-def test_a_decode_block_with_the_kernels_equals_the_reference(variant):
+@pytest.mark.parametrize("positions", [[10], [10, 3, 14]], ids=["one-request", "three-requests"])
+def test_a_decode_block_with_the_kernels_equals_the_reference(variant, positions):
     """Block.decode_one_token (the four products with norms, SwiGLU and residual adds inside; new_token;
-    decode_attention) for one token at slot 10 of a request over 3 shuffled blocks, against Block.forward's reference
-    lines on an identical copy of the pool: the same output and pool, float32."""
+    decode_attention) for one token at slot 10 of a request over 3 shuffled blocks, or one new token for each of
+    three requests (the products' several-row path), against Block.forward's reference lines on an identical copy of
+    the pool: the same output and pool, float32."""
     model = random_weights(variant)
     cfg, block = model.config, model.layers[0]
     torch.manual_seed(2)
-    pool = torch.randn(2, 8, cfg.num_key_value_heads, BLOCK, cfg.head_dim)
-    x = torch.randn(1, 1, cfg.hidden_size)
-    rope = rotary_angles(torch.tensor([[10]]), cfg.head_dim, cfg.rope_theta, torch.float32)
+    pool = torch.randn(2, 12, cfg.num_key_value_heads, BLOCK, cfg.head_dim)
+    x = torch.randn(1, len(positions), cfg.hidden_size) * torch.linspace(0.5, 3.0, len(positions))[:, None]
+    rope = rotary_angles(torch.tensor([positions]), cfg.head_dim, cfg.rope_theta, torch.float32)
     outputs = []
     for kernels in (cpu, None):
         caches = [(pool[0].clone(), pool[1].clone())]
         with torch.no_grad():
-            outputs.append((block(x, rope, one_request(kernels, caches, [10])), *caches[0]))
+            outputs.append((block(x, rope, decode_requests(kernels, caches, positions)), *caches[0]))
     for ours, theirs in zip(*outputs):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert not torch.equal(outputs[0][1], pool[0])  # the new key went in
@@ -223,26 +252,30 @@ def test_a_decode_block_with_the_kernels_equals_the_reference(variant):
 
 @requires_kernel
 @pytest.mark.parametrize("variant", ["tied", "untied", "int8", "qwen2"])
-def test_decode_steps_with_the_kernels_equal_the_reference(variant):
-    """A 9-token prefill into the pool, then three one-token decode steps through Qwen3.forward with the kernels (every
-    block's decode_one_token, and the output head through matvec with the final norm inside: FUSED_HEAD) and without:
-    the same logits, float32."""
+@pytest.mark.parametrize("requests", [1, 3])
+def test_decode_steps_with_the_kernels_equal_the_reference(variant, requests):
+    """Prefills of 9 (5, 12) tokens into the pool, then three decode steps of one new token for each of 1 (3) requests
+    through Qwen3.forward with the kernels (every block's decode_one_token, and the output head through matvec with
+    the final norm inside: FUSED_HEAD; several rows at 3 requests) and without: the same logits, float32."""
     model = random_weights(variant)
     cfg = model.config
-    shape = (8, cfg.num_key_value_heads, BLOCK, cfg.head_dim)
+    shape = (12, cfg.num_key_value_heads, BLOCK, cfg.head_dim)
     caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in model.layers]
-    prompt = torch.randint(0, cfg.vocab_size, (9,), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        model(prompt, torch.arange(9), one_request(None, caches, list(range(9))))
+    lengths, generator = [9, 5, 12][:requests], torch.Generator().manual_seed(1)
+    for length, table in zip(lengths, TABLES):
+        prompt = torch.randint(0, cfg.vocab_size, (length,), generator=generator)
+        with torch.no_grad():
+            model(prompt, torch.arange(length), one_request(None, caches, list(range(length)), table))
     logits = []
     for kernels in (cpu, None):
         pool = [(k.clone(), v.clone()) for k, v in caches]
         steps = []
-        for i, token in enumerate([5, 17, 3]):
+        for i, tokens in enumerate([[5, 17, 3], [17, 42, 99], [3, 150, 7]]):
+            positions = [n + i for n in lengths]
             with torch.no_grad():
-                steps.append(model(torch.tensor([token]), torch.tensor([9 + i]), one_request(kernels, pool, [9 + i])))
+                steps.append(model(torch.tensor(tokens[:requests]), torch.tensor(positions), decode_requests(kernels, pool, positions)))
         logits.append(torch.cat(steps))
-    assert logits[0].shape == (3, cfg.vocab_size)
+    assert logits[0].shape == (3 * requests, cfg.vocab_size)
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
 
 

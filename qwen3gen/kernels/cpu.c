@@ -1,9 +1,10 @@
 /* The CPU decode step's kernels, for x86-64 with AVX2 and FMA (cpu.py builds them and states their contracts).
 
    qwen3gen_matvec: out = residual + W @ input * scale + bias, where input is x, RMSNorm(x) or SwiGLU(x) = silu(gate) *
-   up, rounded to the activations' type where the model's PyTorch lines round. W [n, k] is float32, bfloat16, float16
-   or int8 (with a float scale per row). Each thread walks whole rows in order, so the weights stream through memory
-   front to back: at batch 1, where every weight is read once per token, those reads are most of a step.
+   up, rounded to the activations' type where the model's PyTorch lines round, for each of up to cpu.MATVEC_ROWS input
+   rows (each its own norm). W [n, k] is float32, bfloat16, float16 or int8 (with a float scale per row). Each thread
+   walks whole rows in order, so the weights stream through memory front to back, each read once for all input rows:
+   in a decode step, where every weight is read once per step, those reads are most of it.
    qwen3gen_new_token and qwen3gen_decode_attention: one new token per row's attention (q/k norm, rotation, writes to
    the paged KV pool; then attention over the row's blocks), where PyTorch takes some twenty small ops a layer. */
 
@@ -207,20 +208,108 @@ static void make_input(float *in, const void *x, int x_type, long k, const void 
     }
 }
 
-/* Returns 0, or -1 when the input buffer cannot be allocated. */
+/* Several input rows (in, stride floats apart) against W (1 or 2) weight rows at w, k apart, in one pass: each eight
+   weights are loaded (and converted) once and multiplied into every input row, so a weight read serves R rows. C sums
+   per (weight row, input row) hide the FMA latency where W * R is small; sums[v * R + r] gets weight row v . input r.
+   W, R and C are constants at every call (multi_dot), so the accumulators stay in registers. */
+#define MULTI_DOT(NAME, TYPE, CODE, LOAD8, AHEAD)                                                                  \
+    static inline __attribute__((always_inline)) void NAME(const TYPE *w, long k, const float *in, long stride,     \
+                                                           const int W, const int R, const int C, float *sums) {   \
+        __m256 a[2][4][2];                                                                                     \
+        for (int v = 0; v < W; v++)                                                                            \
+            for (int r = 0; r < R; r++)                                                                        \
+                for (int c = 0; c < C; c++) a[v][r][c] = _mm256_setzero_ps();                                  \
+        long i = 0;                                                                                            \
+        for (; i + 32 <= k; i += 32) {                                                                         \
+            for (int v = 0; AHEAD && v < W; v++)                                                               \
+                for (int line = 0; line < 32 * (int)sizeof(TYPE); line += 64)                                  \
+                    _mm_prefetch((const char *)(w + v * k + i) + AHEAD + line, _MM_HINT_T0);                   \
+            for (int j = 0; j < 4; j++) {                                                                      \
+                __m256 wv[2];                                                                                  \
+                for (int v = 0; v < W; v++) wv[v] = LOAD8(w + v * k + i + 8 * j);                              \
+                for (int r = 0; r < R; r++) {                                                                  \
+                    __m256 xv = _mm256_loadu_ps(in + r * stride + i + 8 * j);                                  \
+                    for (int v = 0; v < W; v++) a[v][r][j % C] = _mm256_fmadd_ps(wv[v], xv, a[v][r][j % C]);   \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (; i + 8 <= k; i += 8) {                                                                           \
+            __m256 wv[2];                                                                                      \
+            for (int v = 0; v < W; v++) wv[v] = LOAD8(w + v * k + i);                                          \
+            for (int r = 0; r < R; r++) {                                                                      \
+                __m256 xv = _mm256_loadu_ps(in + r * stride + i);                                              \
+                for (int v = 0; v < W; v++) a[v][r][0] = _mm256_fmadd_ps(wv[v], xv, a[v][r][0]);               \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int v = 0; v < W; v++)                                                                            \
+            for (int r = 0; r < R; r++) {                                                                      \
+                float sum = sum8(C > 1 ? _mm256_add_ps(a[v][r][0], a[v][r][1]) : a[v][r][0]);                  \
+                for (long t = i; t < k; t++) sum += load_one(w, CODE, v * k + t) * in[r * stride + t];         \
+                sums[v * R + r] = sum;                                                                         \
+            }                                                                                                  \
+    }
+MULTI_DOT(multi_f32, float, F32, load8_f32, 0)
+MULTI_DOT(multi_bf16, uint16_t, BF16, load8_bf16, 1024)
+MULTI_DOT(multi_f16, uint16_t, F16, load8_f16, 1024)
+MULTI_DOT(multi_i8, int8_t, I8, load8_i8, 1024)
+
+/* Weight rows row .. row + W - 1 (W 1 or 2) against R (2 to 4) input rows: sums [W, R]. */
+#define MULTI_CASES(FN, w)                                                                                         \
+    do {                                                                                                           \
+        if (W == 2 && R == 4) FN(w, k, in, stride, 2, 4, 1, sums);                                                 \
+        else if (W == 2 && R == 3) FN(w, k, in, stride, 2, 3, 1, sums);                                            \
+        else if (W == 2) FN(w, k, in, stride, 2, 2, 2, sums);                                                      \
+        else if (R == 4) FN(w, k, in, stride, 1, 4, 2, sums);                                                      \
+        else if (R == 3) FN(w, k, in, stride, 1, 3, 2, sums);                                                      \
+        else FN(w, k, in, stride, 1, 2, 2, sums);                                                                  \
+    } while (0)
+static void multi_dot(const void *weight, int type, long row, int W, long k, const float *in, long stride, int R, float *sums) {
+    switch (type) {
+    case BF16: MULTI_CASES(multi_bf16, (const uint16_t *)weight + row * k); break;
+    case F16: MULTI_CASES(multi_f16, (const uint16_t *)weight + row * k); break;
+    case I8: MULTI_CASES(multi_i8, (const int8_t *)weight + row * k); break;
+    default: MULTI_CASES(multi_f32, (const float *)weight + row * k);
+    }
+}
+
+/* Output value v of weight row `row` for input row r: scaled, biased, added to the residual, stored. */
+static inline void finish(float v, long row, long r, long n, const void *scale, int scale_type, const void *bias, int bias_type,
+                          const void *residual, int x_type, void *out) {
+    if (scale) v *= load_one(scale, scale_type, row);
+    if (bias) v += load_one(bias, bias_type, row);
+    if (residual) v = rounded(v, x_type) + load_one(residual, x_type, r * n + row); /* rounded first, as residual + linear(x) */
+    store_one(out, x_type, r * n + row, v);
+}
+
+/* x [rows, k] (or [rows, 2k] with swiglu), residual and out [rows, n]. One row: each weight row's dot product with
+   the input. Several: weight rows two at a time, each pair's values multiplied into two to four input rows at once
+   (multi_dot), group after group while the pair is in cache.
+   Returns 0, or -1 when the input buffer cannot be allocated. */
 int qwen3gen_matvec(const void *x, int x_type, const void *weight, int weight_type, long n, long k,
                     const void *scale, int scale_type, const void *bias, int bias_type, const void *norm, int norm_type,
-                    float eps, const void *residual, int swiglu, void *out, int threads) {
-    float *in = aligned_alloc(32, (size_t)((k + 7) / 8 * 8) * sizeof(float));
+                    float eps, const void *residual, int swiglu, void *out, long rows, int threads) {
+    long stride = (k + 7) / 8 * 8, x_bytes = (swiglu ? 2 * k : k) * (x_type == F32 ? 4 : 2);
+    float *in = aligned_alloc(32, (size_t)(rows * stride) * sizeof(float));
     if (!in) return -1;
-    make_input(in, x, x_type, k, norm, norm_type, eps, swiglu);
+    for (long r = 0; r < rows; r++) make_input(in + r * stride, (const char *)x + r * x_bytes, x_type, k, norm, norm_type, eps, swiglu);
+    if (rows == 1) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long row = 0; row < n; row++) {
-        float v = dot(weight, weight_type, row, k, in);
-        if (scale) v *= load_one(scale, scale_type, row);
-        if (bias) v += load_one(bias, bias_type, row);
-        if (residual) v = rounded(v, x_type) + load_one(residual, x_type, row); /* rounded first, as residual + linear(x) */
-        store_one(out, x_type, row, v);
+        for (long row = 0; row < n; row++)
+            finish(dot(weight, weight_type, row, k, in), row, 0, n, scale, scale_type, bias, bias_type, residual, x_type, out);
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (long pair = 0; pair < (n + 1) / 2; pair++) {
+            long row = 2 * pair;
+            int W = row + 1 < n ? 2 : 1;
+            for (long g = 0, R; g < rows; g += R) {
+                R = rows - g == 5 ? 3 : rows - g < 4 ? rows - g : 4; /* 5 left: 3 and 2, never a group of one */
+                float sums[8];
+                multi_dot(weight, weight_type, row, W, k, in + g * stride, stride, (int)R, sums);
+                for (int v = 0; v < W; v++)
+                    for (int r = 0; r < R; r++)
+                        finish(sums[v * R + r], row + v, g + r, n, scale, scale_type, bias, bias_type, residual, x_type, out);
+            }
+        }
     }
     free(in);
     return 0;

@@ -4,8 +4,8 @@ At batch 1 a decode step reads every weight once, so on a CPU it costs what the 
 the small ops around them cost. PyTorch's bf16 product reads about 12 GB/s on a 2-core AVX2 machine where a plain read
 reaches 16-21, and its int8 one (`torch._weight_int8pack_mm`) about 7 (scripts/cpu_int8_kernels.py); inductor's
 generated reductions did no better (BENCHMARKS.md). cpu.c has the contracts of gpu.py's CUDA kernels:
-- `matvec` streams each weight row once with AVX2, with what surrounds the product inside: the RMSNorm before it,
-  SwiGLU before the down product, the residual add after it;
+- `matvec` streams each weight row once with AVX2 for up to MATVEC_ROWS input rows (one new token per request), with
+  what surrounds the product inside: the RMSNorm before it, SwiGLU before the down product, the residual add after it;
 - `new_token` (q/k norm, rotation, writes to the paged KV pool) and `decode_attention` (one new token per row over
   its blocks of the pool) stand for some twenty small PyTorch ops a layer, each a few microseconds of dispatch here.
 Weights are also moved into memory advised for 2 MiB pages (`huge_page_weights`), which the reads need to come near the
@@ -37,7 +37,11 @@ SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # cpu.c's enum
 HUGE_PAGE = 2 << 20
-FUSED_HEAD = True  # at one token the output head is one more weight stream: matvec, with the final norm inside
+FUSED_HEAD = True  # in a decode step the output head is one more weight stream: matvec, with the final norm inside
+# matvec's most input rows. Each added row costs matvec the FMAs of one more pass (weights read once): the 0.6B layer's
+# four products took 0.8 / 3.5 / 9.4 / 18 ms at 1 / 8 / 16 / 32 bf16 rows, F.linear 2.0 / 13 / 45 / 81 (its bf16 product
+# converts per row, never caught up through 128); float32 F.linear (a real GEMM) came level only near 64 (28 vs 30 ms).
+MATVEC_ROWS = 32
 
 
 def cache_dir() -> Path:
@@ -76,7 +80,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     library.qwen3gen_matvec.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long,
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-        ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int,
     ]  # fmt: skip
     library.qwen3gen_new_token.restype = ctypes.c_int
     library.qwen3gen_new_token.argtypes = [
@@ -154,17 +158,26 @@ def matvec(
     residual: torch.Tensor | None,
     swiglu: bool,
 ) -> torch.Tensor:
-    """kernels.matvec's contract on the CPU: residual + linear(input) * scale + bias for one row x [1, 1, K] (or
-    [1, 1, 2K] with swiglu), where input is x, RMSNorm(x) with norm_weight, or silu(gate) * up."""
+    """kernels.matvec's contract on the CPU: residual + linear(input) * scale + bias for x [1, rows, K] (or [1, rows,
+    2K] with swiglu), rows from 1 to MATVEC_ROWS, where input is x, RMSNorm(x) (each row its own) with norm_weight, or
+    silu(gate) * up; weight [N, K], residual [1, rows, N] or None: [1, rows, N]."""
     n, k = weight.shape
-    if x.numel() != (2 * k if swiglu else k) or (residual is not None and residual.numel() != n):
-        raise ValueError(f"the CPU kernel's [{n}, {k}] weight got {x.numel()} input values{' (SwiGLU)' if swiglu else ''}")
+    rows = x.shape[1] if x.dim() == 3 else 0
+    if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != (2 * k if swiglu else k) or residual is not None and residual.shape != (1, rows, n):
+        raise ValueError(
+            f"the CPU kernel's [{n}, {k}] weight takes x [1, rows, {2 * k if swiglu else k}]{' (SwiGLU)' if swiglu else ''} and "
+            f"residual [1, rows, {n}], not x {list(x.shape)} and residual {None if residual is None else list(residual.shape)}"
+        )
+    if not 1 <= rows <= MATVEC_ROWS:
+        raise ValueError(f"the CPU kernel takes 1 to MATVEC_ROWS = {MATVEC_ROWS} input rows, not {rows}")
     x, residual = x.contiguous(), None if residual is None else residual.contiguous()  # held while the kernel runs
-    out = x.new_empty(1, 1, n)
+    out = x.new_empty(1, rows, n)
     (x_ptr, x_type), (w_ptr, w_type), *rest = [_pointer(t) for t in (x, weight, scale, bias, norm_weight)]
     flat = [value for pair in rest for value in pair]  # scale, bias, norm weight: address and type each
     threads = torch.get_num_threads()
-    status = _library()[0].qwen3gen_matvec(x_ptr, x_type, w_ptr, w_type, n, k, *flat, eps, _pointer(residual)[0], swiglu, out.data_ptr(), threads)
+    status = _library()[0].qwen3gen_matvec(
+        x_ptr, x_type, w_ptr, w_type, n, k, *flat, eps, _pointer(residual)[0], swiglu, out.data_ptr(), rows, threads
+    )
     if status != 0:
         raise MemoryError("the CPU kernel could not allocate its input buffer")
     return out
@@ -172,7 +185,7 @@ def matvec(
 
 @matvec.register_fake
 def _(x, weight, scale, bias, norm_weight, eps, residual, swiglu):  # noqa: ANN001, ANN202
-    return x.new_empty(1, 1, weight.shape[0])
+    return x.new_empty(1, x.shape[1], weight.shape[0])
 
 
 @_opaque(mutates_args=("k_cache", "v_cache"))

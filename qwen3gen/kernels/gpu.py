@@ -301,6 +301,7 @@ def _(q, k_cache, v_cache, block_tables, seq_lens):  # noqa: ANN001, ANN202
     return torch.empty_like(q)
 
 
+MATVEC_ROWS = 1  # the Triton matvec takes one input row: a step of several requests runs the products as F.linear
 FUSED_HEAD = False  # on CUDA cuBLAS reads the output head as fast as matvec would, so the model runs it as F.linear
 
 
