@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .checkpoint import Checkpoint, default_device, default_dtype, load_model, parse_dtype, resolve
+from .checkpoint import Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve
 from .config import Qwen3Config, preset
 from .engine import Engine
 from .engine.engine import default_limits
@@ -206,7 +206,7 @@ def run_bench(
     on_row: Callable[[dict, BenchRow], None] | None = None,
 ) -> tuple[dict, list[BenchRow]]:
     """Measure every engine in turn; on_row(setup, row) sees each row as soon as it is measured."""
-    dev = torch.device(device) if device else default_device()
+    dev = parse_device(device)
     dt = parse_dtype(dtype) or default_dtype(dev, quantization)
     model, checkpoint_dir = load_bench_model(model_name, preset_name, dev, dt)
     cfg = model.config
@@ -426,7 +426,7 @@ def run_throughput(
     given to transformers too). kv_memory None: every engine gets a KV cache that holds all the requests at once
     (capped at the engine's default pool size); otherwise every engine gets that many bytes.
     """
-    dev = torch.device(device) if device else default_device()
+    dev = parse_device(device)
     dt = parse_dtype(dtype) or default_dtype(dev)
     defaults = throughput_defaults(dev)
     requests = requests or defaults["requests"]

@@ -201,22 +201,90 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+SUPPORTED_DEVICES = ("cuda", "mps", "xpu", "cpu")
+
+
+def _device_count(kind: str) -> int:
+    """How many devices of a supported type this machine has (0 when its backend is missing or unusable)."""
+    try:
+        if kind == "cpu":
+            return 1
+        if kind == "cuda":
+            return torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if kind == "mps":
+            return int(torch.backends.mps.is_available())
+        if kind == "xpu":
+            return torch.xpu.device_count() if hasattr(torch, "xpu") and torch.xpu.is_available() else 0
+    except (RuntimeError, AssertionError):  # a backend compiled in but broken (no driver, …)
+        return 0
+    return 0
+
+
+def available_devices() -> list[str]:
+    """The device types this machine can run the model on, in default_device's order."""
+    return [kind for kind in SUPPORTED_DEVICES if _device_count(kind)]
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """The torch.device to load onto: default_device() for None; a name such as "cuda", "cuda:1", "mps" or "cpu"
+    (any case), or a torch.device. Refuses, before anything is read, a device that does not exist here."""
+    if device is None:
+        return default_device()
+    available = ", ".join(available_devices())
+    if isinstance(device, str):
+        try:
+            parsed = torch.device(device.strip().lower())
+        except (RuntimeError, ValueError):
+            raise InvalidParameterError(
+                f"device {device!r} is not a device name such as 'cuda', 'cuda:1', 'mps' or 'cpu'; available here: {available}."
+            ) from None
+    elif isinstance(device, torch.device):
+        parsed = device
+    else:
+        raise InvalidParameterError(
+            f"device must be a name such as 'cuda', 'cuda:1', 'mps' or 'cpu', or a torch.device, not {device!r}; "
+            f"available here: {available}."
+        )
+    kind = parsed.type
+    if kind == "meta":
+        raise InvalidParameterError(f"device 'meta' holds no data, so a model cannot run on it; use one of: {available}.")
+    if kind not in SUPPORTED_DEVICES:
+        raise InvalidParameterError(
+            f"device {str(parsed)!r} is not supported (only {', '.join(SUPPORTED_DEVICES)}); available here: {available}."
+        )
+    if kind == "cpu":
+        return torch.device("cpu")  # torch ignores a CPU index
+    count = _device_count(kind)
+    if count == 0:
+        raise InvalidParameterError(f"device {str(parsed)!r} is not available on this machine; available here: {available}.")
+    if parsed.index is not None and parsed.index >= count:
+        raise InvalidParameterError(
+            f"device {str(parsed)!r} does not exist: this machine has {count} {kind} device{'s' if count > 1 else ''} "
+            f"({', '.join(f'{kind}:{i}' for i in range(count))})."
+        )
+    return parsed
+
+
 def default_dtype(device: torch.device, quantization: str | None = None) -> torch.dtype:
     """bf16 on accelerators (half the bytes to read per token), float32 on the CPU; bf16 activations
     with int8 weights, the dtype PyTorch's fused int8 kernels take."""
     return torch.float32 if device.type == "cpu" and not quantization else torch.bfloat16
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
+    """None, or torch.float32 / bfloat16 / float16, given as the dtype or a name (float32, bf16, fp16, half, …; any case)."""
+    if name is None or (isinstance(name, torch.dtype) and name in DTYPES.values()):
         return name
-    if not isinstance(name, str):
-        raise InvalidParameterError(f"dtype must be one of float32, bfloat16, float16, not {name!r}.")
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    dtype = getattr(torch, aliases.get(name, name), None)
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise InvalidParameterError(f"dtype must be one of float32, bfloat16, float16, not {name!r}.")
-    return dtype
+    key = name.strip().lower().removeprefix("torch.") if isinstance(name, str) else None
+    if key not in DTYPES and key not in DTYPE_ALIASES:
+        raise InvalidParameterError(
+            f"dtype must be one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)}), not {name!r}."
+        )
+    return DTYPES[DTYPE_ALIASES.get(key, key)]
 
 
 def _offline() -> bool:

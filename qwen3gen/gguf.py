@@ -42,6 +42,8 @@ QWEN_SPLIT_REGEX = (
 # llama.cpp's token types (tokenizer.ggml.token_type).
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 _ROW_CHUNK_ELEMENTS = 1 << 22  # dequantize about 16 MB of float32 at a time
+GGUF_MAGIC = b"GGUF"
+_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
 
 # Our parameter names (model.py, the transformers names without "model.") <- llama.cpp's tensor names.
 _GLOBAL_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
@@ -97,6 +99,9 @@ def _reader_class(gguf: Any) -> type:
     unpack_length = struct.Struct("<Q").unpack_from
 
     class Reader(gguf.GGUFReader):
+        """Every read is bounds-checked: past the end of the file it raises _Truncated, where the stock reader
+        would return a short array (and fail later with an IndexError or a reshape's ValueError, or not at all)."""
+
         @property
         def data(self) -> np.ndarray:
             return self._plain
@@ -105,10 +110,19 @@ def _reader_class(gguf: Any) -> type:
         def data(self, value: np.ndarray) -> None:
             self._plain = value.view(np.ndarray)
 
+        def _need(self, end: int) -> None:
+            if end > len(self._plain):
+                raise _Truncated(end)
+
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+            self._need(int(offset) + np.dtype(dtype).itemsize * int(count))
+            return super()._get(offset, dtype, count, override_order)
+
         def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list[int], list]:
             data = self._plain
             if int(raw_type) != array or self.byte_order != "I" or sys.byteorder != "little":
                 return super()._get_field_parts(orig_offs, raw_type)
+            self._need(orig_offs + 12)
             item_type = data[orig_offs : orig_offs + 4].view(np.uint32)
             length = data[orig_offs + 4 : orig_offs + 12].view(np.uint64)
             count, kind = int(length[0]), int(item_type[0])
@@ -116,11 +130,14 @@ def _reader_class(gguf: Any) -> type:
             offs = orig_offs + 12
             if kind == string:
                 for _ in range(count):
+                    self._need(offs + 8)
                     (size,) = unpack_length(data, offs)
+                    self._need(offs + 8 + size)
                     parts += (data[offs : offs + 8].view(np.uint64), data[offs + 8 : offs + 8 + size])
                     offs += 8 + size
                 indices = list(range(3, len(parts), 2))
             elif kind in scalars:
+                self._need(offs + count * scalars[kind].itemsize)
                 values = data[offs : offs + count * scalars[kind].itemsize].view(scalars[kind])
                 parts += [values[i : i + 1] for i in range(count)]
                 offs += values.nbytes
@@ -130,6 +147,40 @@ def _reader_class(gguf: Any) -> type:
             return offs - orig_offs, parts, indices, [types.ARRAY] + [types(kind)] * bool(count)
 
     return Reader
+
+
+class _Truncated(Exception):
+    """A read past the end of the file; `end` is the byte the read needed the file to reach."""
+
+    def __init__(self, end: int) -> None:
+        super().__init__(end)
+        self.end = end
+
+
+def _check_start(path: Path, supported_versions: tuple[int, ...]) -> None:
+    """Refuse an empty file, a file too short for a GGUF header, one that does not start with the GGUF magic,
+    or one of a version the gguf package cannot read."""
+    try:
+        with path.open("rb") as file:
+            start = file.read(_HEADER_BYTES)
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read ({err.strerror or err}).") from None
+    if not start:
+        raise CheckpointError(f"{path} is empty (0 bytes); download or convert the model again.")
+    if not start.startswith(GGUF_MAGIC[: len(start)]):
+        raise CheckpointError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'); pass a .gguf model file.")
+    if len(start) < _HEADER_BYTES:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: it is {len(start)} bytes, shorter than a GGUF header; download or convert it again."
+        )
+    version = int.from_bytes(start[4:8], "little")
+    if version & 0xFFFF == 0:  # written big-endian: the reader swaps it
+        version = int.from_bytes(start[4:8], "big")
+    if version not in supported_versions:
+        raise CheckpointError(
+            f"{path} says it is GGUF version {version}, but the gguf package reads only versions "
+            f"{', '.join(map(str, supported_versions))}, so the file is corrupt or newer than that package (upgrade gguf)."
+        )
 
 
 @dataclass
@@ -148,11 +199,18 @@ class GGUFCheckpoint:
         path = Path(path).expanduser()
         if not path.is_file():
             raise ModelNotFoundError(f"there is no GGUF file at {path}.")
+        _check_start(path, tuple(getattr(gguf, "READER_SUPPORTED_VERSIONS", (2, 3))))
         try:
             # Copy-on-write mapping: torch can wrap its pages without a read-only warning, and nothing is copied.
             reader = _reader_class(gguf)(path, mode="c")
-        except (ValueError, OSError, KeyError, IndexError) as err:
-            raise CheckpointError(f"{path} is not a GGUF file the gguf package can read ({err}).") from None
+        except _Truncated as cut:
+            size = path.stat().st_size
+            raise CheckpointError(
+                f"{path} is truncated or corrupt: it is {size:,} bytes, but its contents run to byte {cut.end:,}; "
+                f"download or convert it again."
+            ) from None
+        except (ValueError, OSError, KeyError, IndexError, TypeError, OverflowError, MemoryError, struct.error) as err:
+            raise CheckpointError(f"{path} is corrupt: the gguf package cannot read it ({err}); download or convert it again.") from None
         self = cls(path, reader, Qwen3Config())
         self.tensors = {t.name: t for t in reader.tensors}
         arch = self.field("general.architecture")
@@ -173,7 +231,10 @@ class GGUFCheckpoint:
             if default is ...:
                 raise CheckpointError(f"{self.path.name} has no {key} metadata.")
             return default
-        return found.contents()
+        try:
+            return found.contents()
+        except (ValueError, IndexError) as err:  # UnicodeDecodeError is a ValueError
+            raise CheckpointError(f"{self.path.name} is corrupt: its {key} metadata cannot be read ({err}).") from None
 
     def _int(self, key: str, default: Any = ...) -> int:
         value = self.field(key, default)

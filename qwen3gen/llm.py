@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -9,13 +10,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, default_device, default_dtype, load_model, parse_dtype, resolve
+from .checkpoint import Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve
 from .engine import Engine, RequestOutput
+from .engine.kv_pool import parse_size
 from .engine.request import Logprob
 from .errors import InvalidParameterError
 from .kernels.cpu import huge_page_weights
 from .model import Qwen3
-from .quantize import quantize
+from .quantize import QUANTIZATIONS, quantize
 from .results import Generation, GenerationStats, peak_memory
 from .sampling import SamplingParams, derive_seed
 from .tokenizer import Tokenizer
@@ -348,7 +350,22 @@ def load(
 
     quantization="int8" stores the linear weights as int8 (per-channel scales), with bf16 activations by default.
     engine_options: kv_memory (bytes or "8GiB"), max_running, max_batched_tokens, block_size, kernels (engine.Engine).
+    The device, dtype, quantization and option names (and kv_memory's format) are checked before anything is read.
     """
+    device = parse_device(device)
+    dtype = parse_dtype(dtype) or default_dtype(device, quantization)
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise InvalidParameterError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), not {quantization!r}.")
+    # Engine's own keyword options, less those LLM passes itself.
+    options = [
+        name for name, p in inspect.signature(Engine).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name not in ("compile", "default_max_new_tokens")
+    ]  # fmt: skip
+    unknown = sorted(set(engine_options) - set(options))
+    if unknown:
+        raise InvalidParameterError(f"load() has no option {unknown[0]!r}; the engine options are {', '.join(options)}.")
+    if engine_options.get("kv_memory") is not None:
+        parse_size(engine_options["kv_memory"])
     if str(model).lower().endswith(".gguf"):
         from . import gguf  # imports the gguf package, for .gguf files only
 
@@ -358,8 +375,6 @@ def load(
         directory = resolve(str(model))
         checkpoint = Checkpoint.open(directory)
         tokenizer, read_weights = Tokenizer.from_dir(directory), load_model
-    device = torch.device(device) if device is not None else default_device()
-    dtype = parse_dtype(dtype) or default_dtype(device, quantization)
     weights = read_weights(checkpoint, device, dtype)
     if quantization:
         weights = quantize(weights, quantization)
