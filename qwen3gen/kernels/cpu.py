@@ -1,9 +1,9 @@
 """The CPU decode step's kernels (cpu.c), built on first use with the machine's C compiler.
 
-At batch 1 a decode step reads every weight once, so on a CPU it costs what the products' reads cost, plus whatever
-the small ops around them cost. PyTorch's bf16 product reads about 12 GB/s on a 2-core AVX2 machine where a plain read
-reaches 16-21, and its int8 one (`torch._weight_int8pack_mm`) about 7 (scripts/cpu_int8_kernels.py); inductor's
-generated reductions did no better (BENCHMARKS.md). cpu.c has the contracts of gpu.py's CUDA kernels:
+A decode step reads every weight once, so on a CPU it costs what the products' reads cost, plus whatever the small ops
+around them cost. PyTorch's bf16 and int8 products read the weights well below the memory's speed on an AVX2 machine
+without bf16 instructions, and their time grows with the rows (they are bound by the conversion arithmetic there);
+inductor's generated reductions did no better (BENCHMARKS.md). cpu.c has the contracts of gpu.py's CUDA kernels:
 - `matvec` streams each weight row once with AVX2 for up to MATVEC_ROWS input rows (one new token per request), with
   what surrounds the product inside: the RMSNorm before it, SwiGLU before the down product, the residual add after it;
 - `new_token` (q/k norm, rotation, writes to the paged KV pool) and `decode_attention` (one new token per row over
