@@ -23,13 +23,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .checkpoint import Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve
+from .loaders.checkpoint import Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve
 from .config import Qwen3Config, preset
 from .engine import Engine
 from .engine.engine import default_limits
 from .engine.kv_pool import bytes_per_block, default_kv_memory, parse_size
 from .model import Qwen3
-from .quantize import quantize
+from .loaders.quantize import quantize
 from .results import peak_memory, reset_peak_memory
 from .sampling import SamplingParams
 

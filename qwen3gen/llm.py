@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve
+from .loaders.checkpoint import Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve
 from .engine import Engine, RequestOutput
 from .engine.kv_pool import parse_size
 from .engine.request import Logprob
 from .errors import InvalidParameterError
 from .kernels.cpu import huge_page_weights
 from .model import Qwen3
-from .quantize import QUANTIZATIONS, quantize
+from .loaders.quantize import QUANTIZATIONS, quantize
 from .results import Generation, GenerationStats, peak_memory
 from .sampling import SamplingParams, derive_seed
 from .tokenizer import Tokenizer
@@ -367,7 +367,7 @@ def load(
     if engine_options.get("kv_memory") is not None:
         parse_size(engine_options["kv_memory"])
     if str(model).lower().endswith(".gguf"):
-        from . import gguf  # imports the gguf package, for .gguf files only
+        from .loaders import gguf  # imports the gguf package, for .gguf files only
 
         checkpoint = gguf.GGUFCheckpoint.open(model)
         tokenizer, read_weights = checkpoint.tokenizer(), gguf.load_model

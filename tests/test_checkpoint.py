@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import qwen3gen
-from qwen3gen.checkpoint import Checkpoint, download, load_model, parse_dtype, resolve
+from qwen3gen.loaders.checkpoint import Checkpoint, download, load_model, parse_dtype, resolve
 from qwen3gen.errors import CheckpointError, InvalidParameterError, ModelNotFoundError
 
 try:  # huggingface_hub 2.x builds its HTTP errors on httpx2's Response
@@ -135,7 +135,7 @@ def test_bfloat16_loading(small_checkpoint, name):
 
 
 def test_model_is_built_on_meta_and_each_parameter_copied_once_while_streaming(small_checkpoint, monkeypatch):
-    import qwen3gen.checkpoint as ckpt
+    import qwen3gen.loaders.checkpoint as ckpt
 
     built = []
 

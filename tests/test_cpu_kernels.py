@@ -8,7 +8,7 @@ from decode_steps import assert_same_step, attention_config, attention_step
 
 import qwen3gen
 import qwen3gen.bench
-import qwen3gen.quantize
+import qwen3gen.loaders.quantize
 from qwen3gen.attention import AttentionBackend, PagedBatch, choose_backend
 from qwen3gen.kernels import cpu
 from qwen3gen.model import RMSNorm, rotary_angles
@@ -63,7 +63,7 @@ def test_matvec_matches_pytorch(case, dtype, rows):
     if "bias" in case:
         kwargs.update(bias=torch.randn(n, dtype=dtype))
     if "int8" in case:
-        int8 = qwen3gen.quantize.Int8Linear(weight)
+        int8 = qwen3gen.loaders.quantize.Int8Linear(weight)
         weight, scale = int8.weight, int8.scales
         expected = F.linear(inputs.float(), weight.float() * scale.float()[:, None])
     else:
@@ -200,7 +200,7 @@ def random_weights(variant: str) -> qwen3gen.Qwen3:
             if name.endswith("norm.weight") or name.endswith("bias"):
                 torch.nn.init.normal_(param, 1.0, 0.5)
     if variant == "int8":
-        qwen3gen.quantize.quantize(model, "int8")
+        qwen3gen.loaders.quantize.quantize(model, "int8")
     return model
 
 
@@ -297,7 +297,7 @@ def test_huge_page_weights_moves_every_tensor_and_keeps_ties():
     """Every parameter and buffer lands in the block with the same values; a tied embedding stays one Parameter; a
     second call does nothing."""
     model = qwen3gen.bench.random_model(tiny_config(), CPU, torch.bfloat16)
-    qwen3gen.quantize.quantize(model, "int8")
+    qwen3gen.loaders.quantize.quantize(model, "int8")
     before = {name: t.clone() for name, t in model.state_dict().items()}
     cpu.huge_page_weights(model)
     after = model.state_dict()

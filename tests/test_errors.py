@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from tokenizers import pre_tokenizers
 
 import qwen3gen
-from qwen3gen import checkpoint as ckpt
+from qwen3gen.loaders import checkpoint as ckpt
 from qwen3gen.errors import CheckpointError, InvalidParameterError
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -18,10 +18,10 @@ from gguf import GGMLQuantizationType as Q
 from safetensors import safe_open
 
 import qwen3gen
-import qwen3gen.gguf
+import qwen3gen.loaders.gguf
 from qwen3gen import cli
-from qwen3gen.checkpoint import Checkpoint, load_model
-from qwen3gen.gguf import GGUFCheckpoint, dequantize_into
+from qwen3gen.loaders.checkpoint import Checkpoint, load_model
+from qwen3gen.loaders.gguf import GGUFCheckpoint, dequantize_into
 
 FILE_TYPES = {
     Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16, Q.BF16: gguf.LlamaFileType.MOSTLY_BF16,
@@ -321,7 +321,7 @@ def test_k_and_i_quants_expand_in_row_slices(tmp_path, monkeypatch, qtype):
     writer.close()
     tensor = gguf.GGUFReader(tmp_path / "k.gguf").tensors[0]
     assert [int(d) for d in tensor.shape] == [2 * block, 6]
-    monkeypatch.setattr(qwen3gen.gguf, "_ROW_CHUNK_ELEMENTS", 4 * 2 * block)  # 4 rows at a time
+    monkeypatch.setattr(qwen3gen.loaders.gguf, "_ROW_CHUNK_ELEMENTS", 4 * 2 * block)  # 4 rows at a time
     out = torch.empty(6, 2 * block, dtype=torch.bfloat16)
     dequantize_into(tensor, out)
     expected = torch.from_numpy(gguf.quants.dequantize(tensor.data, qtype))

@@ -7,7 +7,7 @@ from decode_steps import BLOCK_SIZE, assert_same_step, attention_config, attenti
 
 import qwen3gen
 import qwen3gen.bench
-import qwen3gen.quantize
+import qwen3gen.loaders.quantize
 from qwen3gen.attention import AttentionBackend, PagedBatch
 from qwen3gen.kernels import gpu
 from qwen3gen.model import rotary_angles
@@ -80,7 +80,7 @@ def test_matvec_matches_pytorch(case, dtype):
     if "residual" in case:
         kwargs.update(residual=torch.randn(1, 1, n, dtype=dtype))
     if case == "int8":
-        int8 = qwen3gen.quantize.Int8Linear(weight)
+        int8 = qwen3gen.loaders.quantize.Int8Linear(weight)
         weight, scale = int8.weight, int8.scales
         expected = int8(x) if dtype == torch.float32 else torch.nn.functional.linear(x.float(), weight.float() * scale.float()[:, None])
     else:
@@ -111,7 +111,7 @@ def test_block_decodes_one_token_with_the_kernels(quantized):
         if name.endswith("norm.weight"):
             torch.nn.init.normal_(param, 1.0, 0.5)
     if quantized:
-        qwen3gen.quantize.quantize(model, "int8")
+        qwen3gen.loaders.quantize.quantize(model, "int8")
     block = model.layers[0]
     k_cache, v_cache, tables, seq_lens = paged_pool(cfg, torch.float32, [20], poison=False)
     position = seq_lens.long() - 1

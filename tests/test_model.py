@@ -7,7 +7,7 @@ from checkpoints import QWEN3_0_6B, hf_model, write_checkpoint
 import qwen3gen
 from qwen3gen import Engine
 from qwen3gen.attention import sdpa
-from qwen3gen.checkpoint import Checkpoint, load_model
+from qwen3gen.loaders.checkpoint import Checkpoint, load_model
 from qwen3gen.engine import runner
 from qwen3gen.sampling import SamplingParams
 

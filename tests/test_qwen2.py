@@ -10,9 +10,9 @@ from checkpoints import BASE_GENERATION_CONFIG, hf_model, hf_qwen2_model, write_
 from safetensors.torch import load_file, save_file
 
 import qwen3gen
-from qwen3gen.checkpoint import Checkpoint, load_model
+from qwen3gen.loaders.checkpoint import Checkpoint, load_model
 from qwen3gen.errors import CheckpointError
-from qwen3gen.quantize import Int8Linear, quantize, quantize_per_channel
+from qwen3gen.loaders.quantize import Int8Linear, quantize, quantize_per_channel
 
 PROMPT = "Explain large language models."
 CPU = torch.device("cpu")

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import Qwen3Config
-from .errors import CheckpointError, InvalidParameterError, ModelNotFoundError
-from .model import Qwen3
+from ..config import Qwen3Config
+from ..errors import CheckpointError, InvalidParameterError, ModelNotFoundError
+from ..model import Qwen3
 
 MODEL_ALIASES = {"base": "Qwen/Qwen3-0.6B-Base", "reasoning": "Qwen/Qwen3-0.6B"}
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]

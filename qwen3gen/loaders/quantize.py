@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InvalidParameterError
-from .model import Qwen3
+from ..errors import InvalidParameterError
+from ..model import Qwen3
 
 QUANTIZATIONS = ("int8",)
 

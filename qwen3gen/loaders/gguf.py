@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Qwen3Config
-from .errors import CheckpointError, ModelNotFoundError
-from .model import Qwen3
-from .tokenizer import Tokenizer
+from ..config import Qwen3Config
+from ..errors import CheckpointError, ModelNotFoundError
+from ..model import Qwen3
+from ..tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("qwen3", "qwen2")
 # Pre-tokenizer names (tokenizer.ggml.pre) llama.cpp gives Qwen's split regex.
