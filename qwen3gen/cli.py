@@ -198,6 +198,12 @@ def run_chat(llm: LLM, args: argparse.Namespace) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> None:
+    counts = ("prompt_tokens", "new_tokens", "batch", "reps", "requests", "concurrency", "max_batched_tokens")
+    counts += ("min_prompt_tokens", "max_prompt_tokens", "min_output_tokens", "max_output_tokens")
+    for name in counts:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InvalidParameterError(f"--{name.replace('_', '-')} must be at least 1, not {value}.")
     known = THROUGHPUT_ENGINES if args.throughput else ENGINES
     engines = tuple(e.strip() for e in (args.engines or ",".join(known)).split(",") if e.strip())
     unknown = [e for e in engines if e not in known]

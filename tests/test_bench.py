@@ -63,3 +63,10 @@ def test_throughput_command_prints_its_table(tiny_checkpoint, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "| qwen3gen |" in out and "output tok/s" in out
     assert cli.main(["bench", "--throughput", "--engines", "transformers-static"]) == 1
+
+
+def test_bench_counts_below_one_are_refused(capsys):
+    for flag in ("--reps", "--new-tokens", "--batch", "--prompt-tokens", "--requests"):
+        assert cli.main(["bench", flag, "0"]) == 1
+        err = capsys.readouterr().err
+        assert f"{flag} must be at least 1" in err and "Traceback" not in err
