@@ -23,13 +23,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .loaders.checkpoint import Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve
 from .config import Qwen3Config, preset
 from .engine import Engine
 from .engine.engine import default_limits
 from .engine.kv_pool import bytes_per_block, default_kv_memory, parse_size
-from .model import Qwen3
+from .errors import InvalidParameterError
+from .loaders.checkpoint import Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve
 from .loaders.quantize import quantize
+from .model import Qwen3
 from .results import peak_memory, reset_peak_memory
 from .sampling import SamplingParams
 
@@ -437,9 +438,9 @@ def run_throughput(
     max_batched_tokens = max_batched_tokens or default_batched
     for name, (low, high) in (("prompt", prompt_range), ("output", output_range)):
         if not 1 <= low <= high:
-            raise ValueError(f"the {name} lengths must satisfy 1 <= min <= max, not {low} and {high}.")
+            raise InvalidParameterError(f"the {name} lengths must satisfy 1 <= min <= max, not {low} and {high}.")
     if requests < 1 or concurrency < 1 or max_batched_tokens < 1:
-        raise ValueError("requests, concurrency and max_batched_tokens must be positive.")
+        raise InvalidParameterError("requests, concurrency and max_batched_tokens must be positive.")
 
     model, checkpoint_dir = load_bench_model(model_name, preset_name, dev, dt)
     cfg = model.config
@@ -541,7 +542,7 @@ def run_throughput(
             ))  # fmt: skip
             engine = None
         else:
-            raise ValueError(f"unknown engine {name!r} (known: {', '.join(THROUGHPUT_ENGINES)}).")
+            raise InvalidParameterError(f"unknown engine {name!r} (known: {', '.join(THROUGHPUT_ENGINES)}).")
     free_memory(dev)
     return setup, rows
 

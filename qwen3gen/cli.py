@@ -7,13 +7,13 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from .loaders import checkpoint
 from .bench import (
     ENGINES, TABLE_HEAD, THROUGHPUT_ENGINES, THROUGHPUT_TABLE_HEAD, format_row, format_setup, format_throughput_row,
     format_throughput_setup, run_bench, run_throughput, to_json,
 )
 from .errors import InvalidParameterError, Qwen3GenError
 from .llm import LLM, load
+from .loaders import checkpoint
 from .loaders.quantize import QUANTIZATIONS
 from .results import Generation, GenerationStats
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from .loaders.checkpoint import Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve
 from .engine import Engine, RequestOutput
 from .engine.kv_pool import parse_size
 from .engine.request import Logprob
 from .errors import InvalidParameterError
 from .kernels.cpu import huge_page_weights
-from .model import Qwen3
+from .loaders.checkpoint import Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve
 from .loaders.quantize import QUANTIZATIONS, quantize
+from .model import Qwen3
 from .results import Generation, GenerationStats, peak_memory
 from .sampling import SamplingParams, derive_seed
 from .tokenizer import Tokenizer

@@ -123,13 +123,13 @@ class Engine:
         return request_id
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now and free its blocks (a request already finished is forgotten)."""
+        """Stop a request now and free its blocks; EngineError for one the engine does not hold (a finished request
+        leaves the engine in the step that finishes it)."""
         with self._lock:
-            request = self.requests.pop(request_id, None)
+            request = self.requests.get(request_id)
             if request is None:
                 raise EngineError(f"there is no request {request_id!r} in the engine.")
-            if not request.finished:
-                request.finish("abort", flush=False)
+            request.finish("abort", flush=False)
             self._leave(request)
 
     def has_unfinished(self) -> bool:
@@ -151,7 +151,6 @@ class Engine:
                 for request in scheduled.requests:
                     request.finish("abort", flush=False)
                     self._leave(request)
-                    self.requests.pop(request.request_id, None)
                 raise
             for request, n in zip(scheduled.requests, scheduled.num_tokens):
                 request.num_computed += n
@@ -160,7 +159,8 @@ class Engine:
             return outputs
 
     def _sample(self, step: StepLogits) -> list[RequestOutput]:
-        prompt_logprobs = {r: self._prompt_logprobs(r, step, *rows) for r, rows in step.prompt_rows.items()}
+        for request, rows in step.prompt_rows.items():
+            self._prompt_logprobs(request, step, *rows)
         requests = list(step.sample_rows)
         outputs = []
         if requests:
@@ -176,8 +176,7 @@ class Engine:
                 outputs.append(self._output(request, new, [logprob] if logprob is not None and new else None))
                 if request.finished:
                     self._leave(request)
-                    del self.requests[request.request_id]
-        for request in prompt_logprobs:
+        for request in step.prompt_rows:  # scored its whole prompt in this step, but samples nothing yet
             if request.num_computed >= request.prompt_len - 1 and request not in step.sample_rows:
                 outputs.append(self._output(request, [], None))
         return outputs
@@ -201,8 +200,10 @@ class Engine:
             request.prompt_logprobs.append((token, lp, list(zip(alt_ids, alt_values))))
 
     def _leave(self, request: Request) -> None:
+        """A finished or aborted request leaves the engine: its blocks and its sampler row are free."""
         self.scheduler.remove(request)
         self.sampler.release(request)
+        del self.requests[request.request_id]
 
     def reset_prefix_cache(self) -> None:
         """Forget the prefix cache: later requests compute their prompts again (benchmarks repeating one workload)."""

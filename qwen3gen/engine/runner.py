@@ -67,7 +67,7 @@ class ModelRunner:
                 sample_rows[request] = len(rows)
                 rows.append(len(tokens) - 1)
         seq_lens = [s + n for s, n in zip(starts, num_tokens)]
-        if self.use_graphs and max(num_tokens) == 1 and len(requests) <= self.graph_sizes[-1]:
+        if self.use_graphs and max(num_tokens) == 1:  # at most max_running requests: the largest graph size
             logits = self.decode_graph(requests, tokens, starts)
         else:
             width = max(-(-n // self.pool.block_size) for n in seq_lens)

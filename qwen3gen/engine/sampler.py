@@ -59,30 +59,30 @@ class Sampler:
             rows = self._penalty_rows([requests[i] for i in penalised])
             at = torch.tensor(penalised, device=logits.device)
             params = [requests[i].params for i in penalised]
-            logits = logits.float()
-            logits[at] = sampling.apply_penalties(
-                logits[at], self.counts[rows], self.prompt_seen[rows], self.values([p.repetition_penalty for p in params]),
-                self.values([p.presence_penalty for p in params]), self.values([p.frequency_penalty for p in params]),
+            repetition, presence, frequency = self.values(
+                [[p.repetition_penalty for p in params], [p.presence_penalty for p in params], [p.frequency_penalty for p in params]]
             )  # fmt: skip
+            logits = logits.float()
+            logits[at] = sampling.apply_penalties(logits[at], self.counts[rows], self.prompt_seen[rows], repetition, presence, frequency)
         tokens = logits.argmax(dim=-1)
         drawn = [i for i, r in enumerate(requests) if not r.params.greedy]
         if drawn:
             picked = torch.tensor(drawn, device=logits.device)
             params = [requests[i].params for i in drawn]
-            filtered = sampling.filter_logits(
-                logits[picked].float(), self.values([p.temperature for p in params]),
-                self.values([p.top_k for p in params], torch.long), self.values([p.top_p for p in params]),
-                self.values([p.min_p for p in params]),
+            temperature, top_p, min_p = self.values([[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params]])
+            top_k, seeds, steps = self.values(
+                [[p.top_k for p in params], [requests[i].noise_seed for i in drawn], [requests[i].num_output for i in drawn]],
+                torch.long,
             )  # fmt: skip
-            seeds = self.values([requests[i].noise_seed for i in drawn], torch.long)
-            steps = self.values([requests[i].num_output for i in drawn], torch.long)
+            filtered = sampling.filter_logits(logits[picked].float(), temperature, top_k, top_p, min_p)
             tokens[picked] = sampling.draw(filtered.softmax(dim=-1), seeds, steps)
         if penalised:
             self.counts.index_put_((rows, tokens[at]), torch.ones(len(penalised), dtype=torch.int32, device=self.device), accumulate=True)
         chosen = tokens.tolist()
         return chosen, self.logprobs(requests, raw, tokens)
 
-    def values(self, values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def values(self, values: list[list], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Per-row parameters [kinds, rows], in one copy to the device."""
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     def logprobs(self, requests: list[Request], logits: torch.Tensor, tokens: torch.Tensor) -> list[Logprob | None]:
