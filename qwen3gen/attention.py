@@ -14,6 +14,7 @@ CUDA, kernels/cpu.py's C kernels on an AVX2 CPU), with one contract.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .kernels import cpu, gpu
 
@@ -28,10 +30,9 @@ from .kernels import cpu, gpu
 @dataclass(frozen=True)
 class AttentionBackend:
     """kernels: the module whose new_token / decode_attention (and, at one token, matvec) run decode steps, or None
-    (the reference). fold: fold a KV head's query heads into the query axis for SDPA (faster on CPU, see `sdpa`)."""
+    (the reference)."""
 
     kernels: ModuleType | None
-    fold: bool
 
     @property
     def name(self) -> str:
@@ -45,19 +46,33 @@ def choose_backend(device: torch.device, kernels: bool = True) -> AttentionBacke
         chosen = gpu
     elif kernels and cpu.available(device):
         chosen = cpu
-    return AttentionBackend(chosen, fold=device.type == "cpu")
+    return AttentionBackend(chosen)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, fold: bool) -> torch.Tensor:
+def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host list as a tensor on the device, copied without waiting for the work queued there: a plain
+    torch.tensor(values, device=...) waits for it, and with overlapped steps that is the step in flight."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+# For a masked call on CUDA: not cuDNN, which compiles a kernel for every new shape (and a step's padded layout has a
+# new shape at almost every step); the memory-efficient kernel takes any mask.
+MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of q [batch, heads, queries, dim] over k, v [batch, kv_heads, keys, dim], mask additive [batch, 1,
-    queries, keys] (None: causal, queries = keys). K/V are never repeated. fold=True folds the query heads that share a
-    KV head into the query axis, rows (group member, query), and the mask with them: on CPU five times faster than
-    SDPA's enable_gqa, where on the H200 enable_gqa (cuDNN) is the faster. Both give the same numbers."""
-    if not fold or mask is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    queries, keys] (None: causal, queries = keys). K/V are never repeated. Unmasked, SDPA's enable_gqa (flash
+    attention); masked, the query heads that share a KV head are folded into the query axis, rows (group member,
+    query), and the mask with them, where enable_gqa with a mask would fall back to the math kernel on a GPU (and is
+    five times slower on a CPU). Both give the same numbers."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     batch, heads, queries, dim = q.shape
     group = heads // k.shape[1]
-    out = F.scaled_dot_product_attention(q.reshape(batch, -1, group * queries, dim), k, v, attn_mask=mask.repeat(1, 1, group, 1))
+    folded, mask = q.reshape(batch, -1, group * queries, dim), mask.repeat(1, 1, group, 1)
+    with sdpa_kernel(MASKED_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
     return out.reshape(batch, heads, queries, dim)  # reshape: an attention kernel may return another memory layout
 
 
@@ -118,7 +133,7 @@ class PagedBatch:
                 keys = k_cache[group.key_blocks, :, group.key_offsets].transpose(1, 2)  # [requests, kv_heads, keys, dim]
                 values = v_cache[group.key_blocks, :, group.key_offsets].transpose(1, 2)
                 queries = q[group.query_rows].transpose(1, 2)  # [requests, heads, queries, dim]
-                part = sdpa(queries, keys, values, group.mask, self.backend.fold).transpose(1, 2)[group.query_valid]
+                part = sdpa(queries, keys, values, group.mask).transpose(1, 2).flatten(0, 1)[group.query_valid]
             if out is None:
                 return part
             out[group.tokens] = part
@@ -142,10 +157,10 @@ class Group:
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
     query_rows: torch.Tensor  # [requests, max query]: the step's token of each padded query
-    query_valid: torch.Tensor  # [requests, max query] bool
+    query_valid: torch.Tensor  # [group tokens]: where the real queries are among the padded ones, flattened
     key_blocks: torch.Tensor  # [requests, max context]: block and offset of each context slot
     key_offsets: torch.Tensor
-    mask: torch.Tensor  # [requests, 1, max query, max context] additive, in the activations' dtype
+    mask: torch.Tensor | None  # [requests, 1, max query, max context] additive, in the activations' dtype; None: causal
 
     @classmethod
     def of(
@@ -153,20 +168,23 @@ class Group:
         decode: bool,
     ) -> "Group":  # fmt: skip
         device = batch.slots.device
-        tokens = torch.tensor([t for r in rows for t in range(starts[r], starts[r] + query_lens[r])], device=device)
-        picked = torch.tensor(rows, device=device)
-        tables, lens = batch.block_tables[picked], batch.seq_lens[picked]
+        tokens = to_device([t for r in rows for t in range(starts[r], starts[r] + query_lens[r])], device)
         max_query, max_seq = max(query_lens[r] for r in rows), max(seq_lens[r] for r in rows)
-        q_lens = torch.tensor([query_lens[r] for r in rows], device=device)
+        flat = [i * max_query + t for i, r in enumerate(rows) for t in range(query_lens[r])]  # on the host: no sync
+        valid = to_device(flat, device)
+        picked = to_device(rows, device)
+        tables, lens = batch.block_tables[picked], batch.seq_lens[picked]
+        q_lens = to_device([query_lens[r] for r in rows], device)
         local = torch.cumsum(q_lens, 0) - q_lens  # each request's first token within the group
         i = torch.arange(max_query, device=device)
         j = torch.arange(max_seq, device=device)
-        query_valid = i < q_lens[:, None]
         query_rows = tokens[(local[:, None] + i).clamp(max=len(tokens) - 1)]
         size = batch.block_size
         key_blocks = tables.long().gather(1, (j // size).clamp(max=tables.shape[1] - 1).expand(len(rows), -1))
-        positions = lens.long()[:, None] - q_lens[:, None] + i  # each query's position in its request
-        allowed = (j <= positions[:, :, None]) & (j < lens.long()[:, None, None])
-        allowed |= ~query_valid[:, :, None] & (j == 0)  # a padding query sees one slot: no empty row, no NaN
-        mask = torch.zeros(allowed.shape, dtype=batch.dtype, device=device).masked_fill_(~allowed, float("-inf"))[:, None]
-        return cls(decode, tokens, tables, lens, query_rows, query_valid, key_blocks, (j % size).expand_as(key_blocks), mask)
+        mask = None  # a whole prompt alone: plain causal attention
+        if len(rows) > 1 or query_lens[rows[0]] < seq_lens[rows[0]]:
+            positions = lens.long()[:, None] - q_lens[:, None] + i  # each query's position in its request
+            allowed = (j <= positions[:, :, None]) & (j < lens.long()[:, None, None])
+            allowed |= (i >= q_lens[:, None])[:, :, None] & (j == 0)  # a padding query sees one slot: no empty row, no NaN
+            mask = torch.zeros(allowed.shape, dtype=batch.dtype, device=device).masked_fill_(~allowed, float("-inf"))[:, None]
+        return cls(decode, tokens, tables, lens, query_rows, valid, key_blocks, (j % size).expand_as(key_blocks), mask)

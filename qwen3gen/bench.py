@@ -164,8 +164,7 @@ def qwen3gen_run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> C
         while engine.has_unfinished():
             for out in engine.step():
                 tokens[out.request_id] += out.new_token_ids
-            if first is None:
-                synchronize(engine.device)
+            if first is None and tokens[ids[0]]:  # with overlapped steps, a step after the prefill returns it
                 first = time.perf_counter()
         synchronize(engine.device)
         end = time.perf_counter()

@@ -101,7 +101,7 @@ class Attention(nn.Module):
         # Query and key heads are normed and rotated as one tensor: compiled, one kernel where there would be four.
         q, k = apply_rotary(self.qk_norm(qk), *rope).split([self.n_heads, self.n_kv_heads], dim=2)
         if batch is None:
-            out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, fold=False).transpose(1, 2)
+            out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None).transpose(1, 2)
         else:
             out = batch.attend(self.layer_index, q[0], k[0], v[0])
         return out.reshape(rows, tokens, -1)

@@ -111,12 +111,16 @@ def apply_penalties(
 
 def filter_logits(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+    used: tuple[bool, bool] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Temperature, then top-k (0: off), top-p (1: off) and min-p (0: off), each row with its own values [rows];
-    filtered-out tokens get -inf. logits: [rows, vocab] float32."""
+    filtered-out tokens get -inf. logits: [rows, vocab] float32. used: whether any row has top-k or top-p, and
+    whether any has min-p, where the caller knows it (reading it from device tensors waits for the device)."""
     logits = logits / temperature[:, None]
     vocab = logits.shape[-1]
-    if bool((top_k > 0).any() or (top_p < 1).any()):
+    if used is None:
+        used = bool((top_k > 0).any() or (top_p < 1).any()), bool((min_p > 0).any())
+    if used[0]:
         ascending, order = torch.sort(logits, dim=-1)
         k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
         kth = ascending.gather(1, (vocab - k)[:, None])
@@ -125,7 +129,7 @@ def filter_logits(
         drop[:, -1] = False  # always keep the most likely token
         drop |= ascending == float("-inf")
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    if bool((min_p > 0).any()):
+    if used[1]:
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
     return logits

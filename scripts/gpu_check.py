@@ -31,9 +31,10 @@ def check(name: str, ok: bool, detail: str = "") -> None:
         FAILURES.append(name)
 
 
-def greedy(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """All prompts through the engine at once, EOS ignored."""
-    ids = [engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p in prompts]
+def greedy(engine: Engine, prompts: list[list[int]], n: int, params: list[SamplingParams] | None = None) -> list[list[int]]:
+    """All prompts through the engine at once, EOS ignored (greedy unless params are given)."""
+    params = params or [SamplingParams(max_new_tokens=n, ignore_eos=True)] * len(prompts)
+    ids = [engine.add_request(p, q) for p, q in zip(prompts, params)]
     tokens = {i: [] for i in ids}
     while engine.has_unfinished():
         for out in engine.step():
@@ -100,6 +101,14 @@ def main(tokenizer_dir: Path, device: str = "cuda") -> int:
             print(f"    divergence at token {k}: logit {logits[a[k]]:.4f} vs {logits[b[k]]:.4f}", flush=True)
     check("bf16 engine with kernels and graphs == reference lines, first 32 tokens of 20 requests, except at near-ties",
           all(ties), f"leading agreement per request: {agree}")  # fmt: skip
+    mixed = [SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.8 * (i % 2), top_p=0.9, seed=i,
+                            repetition_penalty=1.0 + 0.1 * (i % 3)) for i in range(20)]  # fmt: skip
+    overlapped = greedy(fast, prompts, 40, mixed)
+    fast.overlap = False
+    synchronous = greedy(fast, prompts, 40, mixed)
+    fast.overlap = True
+    check("overlapped steps (decode tokens fed from the device) == synchronous steps, greedy and seeded sampling",
+          overlapped == synchronous, f"requests differing: {sum(a != b for a, b in zip(overlapped, synchronous))}")  # fmt: skip
     batch = [torch.randint(0, 151643, (32,)).tolist() for _ in range(64)]
     runs = [greedy(fast, batch, 80) for _ in range(3)]
     differing = [sum(a != b for a, b in zip(runs[0], r)) for r in runs[1:]]

@@ -65,7 +65,7 @@ def attention_step(cfg: qwen3gen.Qwen3Config, dtype: torch.dtype, kernels: Modul
     positions = seq_lens.long() - 1
     slots = tables.long().gather(1, (positions // BLOCK_SIZE)[:, None])[:, 0] * BLOCK_SIZE + positions % BLOCK_SIZE
     batch = PagedBatch(
-        AttentionBackend(kernels, fold=True), [(k_cache, v_cache)], slots, torch.ones_like(seq_lens), seq_lens, tables,
+        AttentionBackend(kernels), [(k_cache, v_cache)], slots, torch.ones_like(seq_lens), seq_lens, tables,
         host_lens=([1] * len(SEQ_LENS), SEQ_LENS), dtype=dtype,
     )  # fmt: skip
     rope = rotary_angles(positions[None], cfg.head_dim, cfg.rope_theta, dtype)

@@ -258,7 +258,7 @@ def test_a_step_that_fails_leaves_no_request_or_cached_block_behind(tiny_llm, mo
     prompt = random_prompts([40], seed=15)[0]
     engine.add_request(prompt, greedy(4))
 
-    def interrupted(requests, num_tokens):
+    def interrupted(requests, num_tokens, pending):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:

@@ -5,6 +5,7 @@ import torch
 from transformers.generation import logits_process as hf
 
 import qwen3gen
+from qwen3gen.engine.sampler import Sampled
 from qwen3gen.llm import ReasoningSplitter
 from qwen3gen.sampling import SamplingParams, apply_penalties, draw, filter_logits, seeded_uniform
 
@@ -187,7 +188,7 @@ def scripted(token_ids):
     reply = iter(token_ids)
 
     def sample(requests, logits):
-        return [next(reply) for _ in requests], [None] * len(requests)
+        return Sampled.of(torch.tensor([next(reply) for _ in requests]), [], [], [])
 
     return sample
 
@@ -233,11 +234,11 @@ def test_an_interrupted_generation_frees_its_blocks(tiny_llm, monkeypatch):
     calls = []
     run = tiny_llm.engine.runner.run
 
-    def interrupted(requests, num_tokens):
+    def interrupted(*args):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return run(requests, num_tokens)
+        return run(*args)
 
     monkeypatch.setattr(tiny_llm.engine.runner, "run", interrupted)
     with pytest.raises(KeyboardInterrupt):

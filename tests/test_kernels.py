@@ -122,7 +122,7 @@ def test_block_decodes_one_token_with_the_kernels(quantized):
     for kernels in (None, gpu):  # the reference: the PyTorch lines
         pool = (k_cache.clone(), v_cache.clone())
         batch = PagedBatch(
-            AttentionBackend(kernels, fold=True), [pool], slots, torch.ones_like(seq_lens), seq_lens, tables,
+            AttentionBackend(kernels), [pool], slots, torch.ones_like(seq_lens), seq_lens, tables,
             host_lens=([1], [20]), dtype=torch.float32,
         )  # fmt: skip
         with torch.no_grad():

@@ -52,15 +52,17 @@ def test_greedy_tokens_equal_transformers_with_and_without_cache(tiny_llm, tiny_
 
 
 @pytest.mark.parametrize("queries", [1, 5])
-def test_folded_and_enable_gqa_attention_agree(queries):
-    """The CPU layout (query groups folded into the query axis) and the GPU one (SDPA's enable_gqa), on CPU tensors."""
+def test_sdpa_masked_folds_query_groups(queries):
+    """A masked call folds each KV head's query heads into the query axis: the numbers of repeated K/V heads."""
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 16, queries, 64), torch.randn(2, 8, 12, 64), torch.randn(2, 8, 12, 64)
     allowed = torch.arange(12) <= torch.arange(7 - queries, 7)[:, None]
     mask = torch.zeros(2, 1, queries, 12).masked_fill_(~allowed, float("-inf"))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
-    for fold in (True, False):
-        torch.testing.assert_close(sdpa(q, k, v, mask, fold=fold), expected)
+    torch.testing.assert_close(sdpa(q, k, v, mask), expected)
+    q = torch.randn(2, 16, 12, 64)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(sdpa(q, k, v, None), expected)
 
 
 class ReplayOnCPU(runner.DecodeGraph):
@@ -95,7 +97,7 @@ def test_decode_graph_bookkeeping_on_cpu(tiny_llm, monkeypatch, compile):
             tokens[out.request_id] += out.new_token_ids
     assert [tokens[i] for i in ids] == [expected[0], expected[1][:12], expected[2]]
     assert sorted(engine.runner.graphs) == [2, 4] and ReplayOnCPU.recorded == 2  # 3 rows, then 2
-    assert engine.pool.kv[:, :, 0].abs().sum() > 0  # the scratch block took the padding rows' writes
+    assert engine.pool.caches[0][0][0].abs().sum() > 0  # the scratch block took the padding rows' writes
 
 
 def test_preset_parameter_counts():

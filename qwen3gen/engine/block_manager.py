@@ -102,6 +102,7 @@ class BlockManager:
         is about to compute, once that step's plan is final: another request of the same step that hits these blocks
         reads them after they are written, since every layer writes the step's keys and values before attending."""
         size = self.block_size
+        tokens = min(tokens, len(request.token_ids))  # a pending token's block is entered once the token is known
         for index in range(len(request.block_hashes), tokens // size):
             block, chunk = request.block_table[index], tuple(request.token_ids[index * size : (index + 1) * size])
             digest = chained_hash(request.block_hashes[-1] if request.block_hashes else None, chunk)

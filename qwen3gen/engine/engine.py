@@ -5,17 +5,21 @@
 
 add_request and abort may be called from any thread while another calls step: one lock orders them, so an abort lands
 between two steps and its blocks are free when it returns.
+
+With overlap (on CUDA), a step is launched before the one before it is read back: the next step's decode inputs are
+that step's sampled tokens, still on the device (a request's pending token), and the host reads them while the new
+step runs. A device runs its queue in order, so blocks freed while a step is in flight are reused only by later steps.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..attention import choose_backend
+from ..attention import choose_backend, to_device
 from ..errors import ContextLengthError, EngineError, InvalidParameterError, OutOfMemoryError
 from ..model import Qwen3
 from ..sampling import SamplingParams, signed64, top_logprobs
@@ -23,9 +27,9 @@ from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .kv_pool import KVPool
 from .request import Logprob, Request, RequestOutput, Status, TextState
-from .runner import ModelRunner, StepLogits
-from .sampler import Sampler
-from .scheduler import Scheduler
+from .runner import ModelRunner, PendingTokens, StepLogits
+from .sampler import Sampled, Sampler
+from .scheduler import ScheduledStep, Scheduler
 
 DEFAULT_MAX_NEW_TOKENS = 1024
 
@@ -36,12 +40,25 @@ def default_limits(device: torch.device) -> tuple[int, int]:
     return (256, 8192) if device.type == "cuda" else (64, 512)
 
 
+@dataclass
+class InFlight:
+    """A launched step whose results are still on the device (or on their way to the host)."""
+
+    requests: list[Request]
+    pending: PendingTokens  # its sampled tokens, and the row of each request that sampled one
+    sampled: Sampled | None
+    prompt: dict[Request, tuple[int, Sampled]]  # prompt logprobs from position start on
+
+
 class Engine:
     """Continuous batching over a paged KV cache with prefix caching, on one model.
 
     kv_memory: the pool's size (bytes or "8GiB"; default: most of the free GPU memory, or a modest share of a CPU's).
     tokenizer: lets requests have stop strings and outputs carry text. eos_ids: the default stop tokens.
     kernels=False runs the reference attention lines (the oracle of the tests) even where kernels exist.
+    overlap (default: on CUDA) launches each step before reading back the one before it, so that the host's work of a
+    step (scheduling, inputs, outputs) runs while the device computes; where the device runs each operation as it is
+    called (a CPU), it would only compute a token more after each finish.
     """
 
     def __init__(
@@ -56,6 +73,7 @@ class Engine:
         max_batched_tokens: int | None = None,
         compile: bool = False,
         kernels: bool = True,
+        overlap: bool | None = None,
         default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
@@ -78,6 +96,8 @@ class Engine:
         self._lock = threading.RLock()
         self._ids = itertools.count()
         self.steps = self.generated_tokens = self.computed_prompt_tokens = 0
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self.in_flight: InFlight | None = None
 
     def add_request(
         self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None,
@@ -134,70 +154,108 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return bool(self.scheduler.waiting or self.scheduler.running)
+            return bool(self.scheduler.waiting or self.scheduler.running or self.in_flight)
 
     def step(self) -> list[RequestOutput]:
-        """One forward pass over the running requests: the new tokens of each (finished ones leave the engine)."""
+        """One forward pass over the running requests; returns the new tokens of each (finished ones leave the
+        engine). With overlap, the pass is launched and the outputs are those of the step before it, read back while
+        this one runs; a request finished by that step may have had one more token computed, then dropped."""
         with self._lock:
+            outputs = []
+            if self.in_flight is not None and any(r.params.token_mask is not None for r in self.in_flight.requests):
+                outputs = self._read()  # a token mask is computed from every token before it
             scheduled = self.scheduler.schedule()
-            if not scheduled:
-                return []
-            for request, n in zip(scheduled.requests, scheduled.num_tokens):
-                self.computed_prompt_tokens += max(0, min(request.num_computed + n, request.prompt_len) - request.num_computed)
-            try:
-                step = self.runner.run(scheduled.requests, scheduled.num_tokens)
-            except BaseException:  # an interrupt, or a failed kernel: this step's blocks were entered as cached
-                self.blocks.reset_cache()  # but never computed, and its requests cannot go on
-                for request in scheduled.requests:
-                    request.finish("abort", flush=False)
-                    self._leave(request)
-                raise
-            for request, n in zip(scheduled.requests, scheduled.num_tokens):
-                request.num_computed += n
-            outputs = self._sample(step)
-            self.steps += 1
+            launched = self._launch(scheduled) if scheduled else None
+            if self.in_flight is not None:
+                outputs += self._read()
+            self.in_flight = launched
+            for request in launched.pending.rows if launched else ():
+                request.pending = 1
+            if self.in_flight is not None and not self.overlap:
+                outputs += self._read()
             return outputs
 
-    def _sample(self, step: StepLogits) -> list[RequestOutput]:
-        for request, rows in step.prompt_rows.items():
-            self._prompt_logprobs(request, step, *rows)
-        requests = list(step.sample_rows)
+    def _launch(self, scheduled: ScheduledStep) -> InFlight:
+        """Queue the step's pass and its sampling on the device."""
+        for request, n in zip(scheduled.requests, scheduled.num_tokens):
+            self.computed_prompt_tokens += max(0, min(request.num_computed + n, request.prompt_len) - request.num_computed)
+        previous = self.in_flight.pending if self.in_flight is not None else None
+        try:
+            step = self.runner.run(scheduled.requests, scheduled.num_tokens, previous)
+            prompt = {r: self._score_prompt(r, step, *rows) for r, rows in step.prompt_rows.items()}
+            for request, n in zip(scheduled.requests, scheduled.num_tokens):
+                request.num_computed += n
+            requests = list(step.sample_rows)
+            sampled = self.sampler.sample(requests, step.sampled_logits()) if requests else None
+        except BaseException:  # an interrupt, or a failed kernel: this step's blocks were entered as cached
+            self._fail(scheduled.requests)  # but never computed, and its requests cannot go on
+            raise
+        self.steps += 1
+        pending = PendingTokens(sampled.tokens if sampled else None, {r: i for i, r in enumerate(requests)})
+        return InFlight(scheduled.requests, pending, sampled, prompt)
+
+    def _read(self) -> list[RequestOutput]:
+        """The in-flight step's tokens and logprobs, back on the host: appended to their requests, as outputs."""
+        flight, self.in_flight = self.in_flight, None
+        try:
+            tokens, logprobs = flight.sampled.read() if flight.sampled is not None else ([], [])
+            prompt = {r: (start, scored.read()[1]) for r, (start, scored) in flight.prompt.items()}
+        except BaseException:
+            self._fail(flight.requests)
+            raise
+        for request, (start, values) in prompt.items():  # positions start...; a recomputed prompt has some already
+            request.prompt_logprobs += values[len(request.prompt_logprobs) - start :]
         outputs = []
-        if requests:
-            rows = torch.tensor(list(step.sample_rows.values()), device=step.logits.device)
-            tokens, logprobs = self.sampler.sample(requests, step.logits[rows])
-            for request, token, logprob in zip(requests, tokens, logprobs):
-                before = request.num_output
-                request.append(token)
-                self.generated_tokens += 1
-                new = request.output_ids[before:]
-                if logprob is not None and new:
-                    request.logprobs.append(logprob)
-                outputs.append(self._output(request, new, [logprob] if logprob is not None and new else None))
-                if request.finished:
-                    self._leave(request)
-        for request in step.prompt_rows:  # scored its whole prompt in this step, but samples nothing yet
-            if request.num_computed >= request.prompt_len - 1 and request not in step.sample_rows:
+        for request, token, logprob in zip(flight.pending.rows, tokens, logprobs):
+            request.pending = 0
+            if request.finished:  # aborted, or finished by the step before: this token was one too many
+                continue
+            before = request.num_output
+            request.append(token)
+            self.generated_tokens += 1
+            new = request.output_ids[before:]
+            if logprob is not None and new:
+                request.logprobs.append(logprob)
+            outputs.append(self._output(request, new, [logprob] if logprob is not None and new else None))
+            if request.finished:
+                self._leave(request)
+        for request in prompt:  # scored its whole prompt in this step, but samples nothing yet
+            if not request.finished and request not in flight.pending.rows and self._prompt_scored(request):
                 outputs.append(self._output(request, [], None))
         return outputs
+
+    def _fail(self, requests: list[Request]) -> None:
+        """A step failed: its requests (and those of the step in flight) cannot go on, and blocks entered as cached for
+        it were perhaps never computed."""
+        self.blocks.reset_cache()
+        flight, self.in_flight = self.in_flight, None
+        for request in [*requests, *(flight.requests if flight else ())]:
+            if request.request_id in self.requests:
+                request.finish("abort", flush=False)
+                self._leave(request)
 
     def _output(self, request: Request, new: list[int], logprobs: list[Logprob] | None) -> RequestOutput:
         text = request.text.take(request.finished) if request.text is not None else ""
         prompt = None
-        scored = request.params.prompt_logprobs is not None and request.num_computed >= request.prompt_len - 1
-        if scored and not request.prompt_logprobs_sent:
+        if self._prompt_scored(request) and not request.prompt_logprobs_sent:
             prompt, request.prompt_logprobs_sent = [None, *request.prompt_logprobs], True
         return RequestOutput(
             request.request_id, new, request.finished, request.finish_reason, logprobs, text, prompt, request.num_cached_tokens
         )
 
-    def _prompt_logprobs(self, request: Request, step: StepLogits, first: int, count: int) -> None:
-        """Score the prompt tokens that follow the positions computed in this step."""
-        start = len(request.prompt_logprobs)
-        targets = torch.tensor(request.prompt_ids[start + 1 : start + 1 + count], device=step.logits.device)
-        chosen, ids, values = top_logprobs(step.logits[first : first + count], targets, request.params.prompt_logprobs)
-        for token, lp, alt_ids, alt_values in zip(targets.tolist(), chosen.tolist(), ids.tolist(), values.tolist()):
-            request.prompt_logprobs.append((token, lp, list(zip(alt_ids, alt_values))))
+    @staticmethod
+    def _prompt_scored(request: Request) -> bool:
+        """Whether the request asked for prompt logprobs and has all of them (every prompt token after the first)."""
+        return request.params.prompt_logprobs is not None and len(request.prompt_logprobs) >= request.prompt_len - 1
+
+    def _score_prompt(self, request: Request, step: StepLogits, first: int, count: int) -> tuple[int, Sampled]:
+        """The log-probabilities of the prompt tokens after the positions this step computes (from the first not
+        computed before it), on their way to the host."""
+        start = request.num_computed
+        targets = to_device(request.prompt_ids[start + 1 : start + 1 + count], step.logits.device, torch.long)
+        top = request.params.prompt_logprobs
+        scores = top_logprobs(step.logits[first : first + count], targets, top)
+        return start, Sampled.of(targets, list(range(count)), [top] * count, list(scores))
 
     def _leave(self, request: Request) -> None:
         """A finished or aborted request leaves the engine: its blocks and its sampler row are free."""

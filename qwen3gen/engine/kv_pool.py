@@ -58,15 +58,18 @@ def bytes_per_block(cfg: Qwen3Config, block_size: int, dtype: torch.dtype) -> in
 
 
 class KVPool:
+    """Each layer's keys and values, [num_blocks, kv_heads, block_size, head_dim] each, as tensors of their own: a
+    compiled step writes into them in place, where views of one shared tensor would make it copy the whole pool."""
+
     def __init__(self, cfg: Qwen3Config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (cfg.num_hidden_layers, 2, num_blocks, cfg.num_key_value_heads, block_size, cfg.head_dim)
+        shape = (num_blocks, cfg.num_key_value_heads, block_size, cfg.head_dim)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.kv = torch.zeros(shape, dtype=dtype, device=device)
-        self.caches = [(layer[0], layer[1]) for layer in self.kv]
+        zeros = lambda: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        self.caches = [(zeros(), zeros()) for _ in range(cfg.num_hidden_layers)]
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        return sum(k.nbytes + v.nbytes for k, v in self.caches)
 
     @classmethod
     def sized(

@@ -2,7 +2,9 @@
 
 The engine knows a request by its token list (prompt, then output) and by how many of those tokens have their keys and
 values in the pool (num_computed). Whatever is not computed yet is computed next, a prefill chunk or a decode token
-alike; a preempted request just goes back to num_computed = 0 and is recomputed, outputs included.
+alike; a preempted request just goes back to num_computed = 0 and is recomputed, outputs included. With overlapped
+steps (engine.py) a request may have one token more than its list holds: sampled on the device by the step in flight,
+not yet read back (pending); the next step computes it from the device.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Request:
     text: TextState | None = None
     token_ids: list[int] = field(default_factory=list)  # prompt, then output
     num_computed: int = 0  # tokens whose keys and values are in the pool
+    pending: int = 0  # 1 while a token sampled by the step in flight is not yet in token_ids
     num_cached_tokens: int = 0  # of the prompt, found in the prefix cache when first admitted
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of its first full blocks, in the prefix cache
@@ -102,7 +105,14 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Its tokens, a pending one included: those the steps compute."""
+        return len(self.token_ids) + self.pending
+
+    @property
+    def last_token_pending(self) -> bool:
+        """Whether the pending token is its last (max_new_tokens): no step computes it, the request ends when it is
+        read."""
+        return self.pending > 0 and self.num_output + self.pending >= self.params.max_new_tokens
 
     @property
     def output_ids(self) -> list[int]:

@@ -4,7 +4,9 @@ and the logits of the rows that are sampled (or scored, for prompt log-probabili
 On CUDA with the decode kernels, a decode-only step is a replay of a CUDA graph recorded for the next padded batch
 size (GRAPH_SIZES): a replay launches every kernel of the step at once, where launching them one by one from Python
 would take longer than running them at small batches. Padding rows decode a dummy token into the scratch block 0.
-With compile, the recorded steps are torch.compile'd first (one graph per batch size, compiled for its shapes).
+With compile, the recorded steps are torch.compile'd first: batch size 1 for its own shapes, then one compilation
+for every larger size (torch.compile's automatic dynamic shapes), so that recording the graph of a new size costs a
+replay of the compiled code, not a compilation.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import AttentionBackend, PagedBatch
+from ..attention import AttentionBackend, PagedBatch, to_device
 from ..model import Qwen3
 from .kv_pool import KVPool
 from .request import Request
@@ -28,6 +30,21 @@ class StepLogits:
     sample_rows: dict[Request, int]  # the row of each request that samples its next token in this step
     prompt_rows: dict[Request, tuple[int, int]]  # (first row, row count) of prompt positions to score
 
+    def sampled_logits(self) -> torch.Tensor:
+        """The sampling rows' logits, in the order of sample_rows (a view when they are the first rows in order)."""
+        rows = list(self.sample_rows.values())
+        if rows == list(range(len(rows))):
+            return self.logits[: len(rows)]
+        return self.logits[to_device(rows, self.logits.device, torch.long)]
+
+
+@dataclass
+class PendingTokens:
+    """The tokens sampled by the step in flight, still on the device [rows], and the row of each request."""
+
+    tokens: torch.Tensor
+    rows: dict[Request, int]
+
 
 class ModelRunner:
     def __init__(self, model: Qwen3, pool: KVPool, backend: AttentionBackend, max_rows: int, compile: bool = False) -> None:
@@ -38,26 +55,32 @@ class ModelRunner:
         self.use_graphs = self.device.type == "cuda" and backend.kernels is not None
         self.graph_sizes = [s for s in GRAPH_SIZES if s < max_rows] + [max_rows]
         self.graphs: dict[int, DecodeGraph] = {}
-        self.compile = compile
+        # What the decode graphs record; torch.compile compiles at the first call, and again for new shapes as needed.
+        self.decode_model: Callable[..., torch.Tensor] = model
+        if compile:
+            self.decode_model = torch.compile(model, fullgraph=True, options=compile_options(self.device))
 
     def batch(self, slots: torch.Tensor, query_lens: list[int], seq_lens: list[int], tables: torch.Tensor) -> PagedBatch:
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.int32, device=self.device)  # noqa: E731
+        lens = to_device([query_lens, seq_lens], self.device, torch.int32)
         return PagedBatch(
-            self.backend, self.pool.caches, slots, as_tensor(query_lens), as_tensor(seq_lens), tables,
+            self.backend, self.pool.caches, slots, lens[0], lens[1], tables,
             host_lens=(query_lens, seq_lens), dtype=self.dtype,
         )  # fmt: skip
 
-    def block_tables(self, requests: list[Request], width: int) -> torch.Tensor:
-        rows = [r.block_table + [0] * (width - len(r.block_table)) for r in requests]
-        return torch.tensor(rows, dtype=torch.int32)
-
     @torch.inference_mode()
-    def run(self, requests: list[Request], num_tokens: list[int]) -> StepLogits:
-        """Compute the step's tokens (their keys and values go to the pool) and return the logits that are needed."""
+    def run(self, requests: list[Request], num_tokens: list[int], pending: PendingTokens | None = None) -> StepLogits:
+        """Compute the step's tokens (their keys and values go to the pool) and return the logits that are needed. A
+        request's pending token (its last, sampled by the step in flight) is taken from pending.tokens on the device."""
         tokens, starts, rows, prompt_rows, sample_rows = [], [], [], {}, {}
+        fill_at, fill_from = [], []
         for request, n in zip(requests, num_tokens):
             start = request.num_computed
-            tokens += request.token_ids[start : start + n]
+            known = request.token_ids[start : start + n]
+            tokens += known
+            if len(known) < n:  # only the last token can be pending
+                fill_at.append(len(tokens))
+                fill_from.append(pending.rows[request])
+                tokens.append(0)
             starts.append(start)
             if request.params.prompt_logprobs is not None and start < request.prompt_len - 1:
                 scored = min(start + n, request.prompt_len - 1) - start  # positions whose next token is a prompt token
@@ -66,26 +89,40 @@ class ModelRunner:
             if start + n == request.num_tokens:
                 sample_rows[request] = len(rows)
                 rows.append(len(tokens) - 1)
+        fill = None
+        if fill_at:
+            at, source = to_device([fill_at, fill_from], self.device, torch.long)
+            fill = lambda ids: ids.index_copy_(0, at, pending.tokens[source])  # noqa: E731
         seq_lens = [s + n for s, n in zip(starts, num_tokens)]
         if self.use_graphs and max(num_tokens) == 1:  # at most max_running requests: the largest graph size
-            logits = self.decode_graph(requests, tokens, starts)
+            logits = self.decode_graph(requests, tokens, starts, fill)
         else:
             width = max(-(-n // self.pool.block_size) for n in seq_lens)
-            tables = self.block_tables(requests, width)
+            tables = block_tables(requests, len(requests), width)
             which = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(num_tokens))
             positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, num_tokens)])
             slots = tables[which, positions // self.pool.block_size].long() * self.pool.block_size + positions % self.pool.block_size
-            batch = self.batch(slots.to(self.device), num_tokens, seq_lens, tables.to(self.device))
-            ids = torch.tensor(tokens, device=self.device)
-            logits = self.model(ids, positions.to(self.device), batch, torch.tensor(rows, device=self.device))
+            to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+            batch = self.batch(to(slots), num_tokens, seq_lens, to(tables))
+            ids = to_device(tokens, self.device, torch.long)
+            if fill is not None:
+                fill(ids)
+            logits = self.model(ids, to(positions), batch, to_device(rows, self.device, torch.long))
         return StepLogits(logits, sample_rows, prompt_rows)
 
-    def decode_graph(self, requests: list[Request], tokens: list[int], starts: list[int]) -> torch.Tensor:
+    def decode_graph(self, requests: list[Request], tokens: list[int], starts: list[int], fill: Callable | None) -> torch.Tensor:
         """A decode step as the replay of the graph of the next padded size."""
         size = next(s for s in self.graph_sizes if s >= len(requests))
         if size not in self.graphs:
             self.graphs[size] = DecodeGraph(self, size)
-        return self.graphs[size].replay(requests, tokens, starts)[: len(requests)]
+        return self.graphs[size].replay(requests, tokens, starts, fill)[: len(requests)]
+
+
+def block_tables(requests: list[Request], rows: int, width: int) -> torch.Tensor:
+    """The requests' block tables as the first of `rows` rows [rows, width] (int32, on the host), zeros after them."""
+    tables = torch.zeros(rows, width, dtype=torch.int32)
+    tables[: len(requests)] = torch.tensor([r.block_table + [0] * (width - len(r.block_table)) for r in requests])
+    return tables
 
 
 def compile_options(device: torch.device) -> dict[str, bool]:
@@ -107,14 +144,14 @@ class DecodeGraph:
     def __init__(self, runner: ModelRunner, size: int) -> None:
         device, self.block_size = runner.device, runner.pool.block_size
         self.inputs = torch.zeros(2, size, dtype=torch.long, device=device)  # token ids, positions: one copy a step
-        self.host = torch.zeros(2, size, dtype=torch.long, pin_memory=device.type == "cuda")
+        # Two host buffers, one step each in turn: the copy from one may still be queued behind the step in flight.
+        self.host = torch.zeros(2, 2, size, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.turn = 0
         self.ids, self.positions = self.inputs
         self.slots = torch.zeros(size, dtype=torch.long, device=device)
         self.tables = torch.zeros(size, runner.max_blocks, dtype=torch.int32, device=device)
         self.batch = runner.batch(self.slots, [1] * size, [1] * size, self.tables)
-        self.forward: Callable[..., torch.Tensor] = runner.model
-        if runner.compile:
-            self.forward = torch.compile(runner.model, fullgraph=True, dynamic=False, options=compile_options(device))
+        self.forward = runner.decode_model
         self.logits = self.record()
 
     def step(self) -> torch.Tensor:
@@ -140,14 +177,17 @@ class DecodeGraph:
     def launch(self) -> None:
         self.graph.replay()
 
-    def replay(self, requests: list[Request], tokens: list[int], starts: list[int]) -> torch.Tensor:
+    def replay(self, requests: list[Request], tokens: list[int], starts: list[int], fill: Callable | None) -> torch.Tensor:
         n = len(requests)
         width = max(len(r.block_table) for r in requests)
-        tables = torch.zeros(self.tables.shape[0], width, dtype=torch.int32)
-        tables[:n] = torch.tensor([r.block_table + [0] * (width - len(r.block_table)) for r in requests], dtype=torch.int32)
-        self.host.zero_()
-        self.host[:, :n] = torch.tensor([tokens, starts])  # the last copy from it is done: its tokens were read back
-        self.inputs.copy_(self.host, non_blocking=True)
+        tables = block_tables(requests, self.tables.shape[0], width)
+        host = self.host[self.turn]
+        self.turn ^= 1
+        host.zero_()
+        host[:, :n] = torch.tensor([tokens, starts])
+        self.inputs.copy_(host, non_blocking=True)
+        if fill is not None:
+            fill(self.ids)
         self.tables[:, :width].copy_(tables, non_blocking=True)
         self.launch()
         return self.logits

@@ -4,14 +4,51 @@ Rows are grouped by what they need, and what nobody in the step asks for costs n
 of the logits as they are (the same token the reference picks), sampled rows go through the filters and a seeded draw,
 only penalised rows read their token counts, only rows with a token mask call it, only rows asking for logprobs get
 a log_softmax. The counts of penalised requests live on the device, a row each, updated with the step's tokens.
+Nothing here waits for the device: the tokens and logprobs come back through `Sampled.read`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import sampling
+from ..attention import to_device
 from .request import Logprob, Request
+
+
+@dataclass
+class Sampled:
+    """A step's sampled tokens [rows] on the device, the logprobs asked for, and their copies on the way to the host
+    (started when the step is launched, so reading them waits for that step only, not for one queued after it)."""
+
+    tokens: torch.Tensor
+    logprob_rows: list[int]  # the rows that asked for logprobs, and how many alternatives each wants
+    logprob_counts: list[int]
+    host: list[torch.Tensor]  # tokens, then (with logprobs) the chosen tokens' logprobs, top ids, top values
+    ready: torch.cuda.Event | None
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor, logprob_rows: list[int], logprob_counts: list[int], extra: list[torch.Tensor]) -> "Sampled":
+        if tokens.device.type != "cuda":  # no steps overlap there: read at once
+            return cls(tokens, logprob_rows, logprob_counts, [t.cpu() for t in [tokens, *extra]], None)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in [tokens, *extra]]
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(tokens.device))
+        return cls(tokens, logprob_rows, logprob_counts, host, ready)
+
+    def read(self) -> tuple[list[int], list[Logprob | None]]:
+        """The tokens, and for each row its (token, logprob, top alternatives) or None; waits for this step."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        tokens = self.host[0].tolist()
+        out: list[Logprob | None] = [None] * len(tokens)
+        if self.logprob_rows:
+            chosen, ids, values = (t.tolist() for t in self.host[1:])
+            for k, (i, top) in enumerate(zip(self.logprob_rows, self.logprob_counts)):
+                out[i] = (tokens[i], chosen[k], list(zip(ids[k][:top], values[k][:top])))
+        return tokens, out
 
 
 class Sampler:
@@ -30,11 +67,11 @@ class Sampler:
                 free = sorted(set(range(len(self.counts))) - set(self.rows.values()))
                 row = free[0] if free else self._grow()
                 self.rows[request] = row
-                output = torch.tensor(request.output_ids, dtype=torch.long, device=self.device)
+                output = to_device(request.output_ids, self.device, torch.long)
                 self.counts[row] = torch.bincount(output, minlength=self.vocab_size).int()
                 self.prompt_seen[row] = False
-                self.prompt_seen[row, torch.tensor(request.prompt_ids, device=self.device)] = True
-        return torch.tensor([self.rows[r] for r in requests], device=self.device)
+                self.prompt_seen[row, to_device(request.prompt_ids, self.device, torch.long)] = True
+        return to_device([self.rows[r] for r in requests], self.device, torch.long)
 
     def _grow(self) -> int:
         row = len(self.counts)
@@ -43,8 +80,10 @@ class Sampler:
         self.prompt_seen = torch.cat([self.prompt_seen, self.prompt_seen.new_zeros(extra, self.vocab_size)])
         return row
 
-    def sample(self, requests: list[Request], logits: torch.Tensor) -> tuple[list[int], list[Logprob | None]]:
-        """Tokens for requests[i] from logits[i] [rows, vocab], and the logprobs of those that asked for them."""
+    @torch.inference_mode()
+    def sample(self, requests: list[Request], logits: torch.Tensor) -> Sampled:
+        """Tokens for requests[i] from logits[i] [rows, vocab], and the logprobs of those that asked for them. A
+        token mask is called with the request's output so far: its engine reads the step before first."""
         raw = logits
         masked = [i for i, r in enumerate(requests) if r.params.token_mask is not None]
         if masked:
@@ -57,7 +96,7 @@ class Sampler:
         penalised = [i for i, r in enumerate(requests) if r.params.penalized]
         if penalised:
             rows = self._penalty_rows([requests[i] for i in penalised])
-            at = torch.tensor(penalised, device=logits.device)
+            at = to_device(penalised, logits.device, torch.long)
             params = [requests[i].params for i in penalised]
             repetition, presence, frequency = self.values(
                 [[p.repetition_penalty for p in params], [p.presence_penalty for p in params], [p.frequency_penalty for p in params]]
@@ -67,35 +106,26 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         drawn = [i for i, r in enumerate(requests) if not r.params.greedy]
         if drawn:
-            picked = torch.tensor(drawn, device=logits.device)
+            picked = to_device(drawn, logits.device, torch.long)
             params = [requests[i].params for i in drawn]
             temperature, top_p, min_p = self.values([[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params]])
             top_k, seeds, steps = self.values(
-                [[p.top_k for p in params], [requests[i].noise_seed for i in drawn], [requests[i].num_output for i in drawn]],
+                [[p.top_k for p in params], [requests[i].noise_seed for i in drawn], [requests[i].num_output + requests[i].pending for i in drawn]],
                 torch.long,
             )  # fmt: skip
-            filtered = sampling.filter_logits(logits[picked].float(), temperature, top_k, top_p, min_p)
+            used = any(p.top_k > 0 or p.top_p < 1 for p in params), any(p.min_p > 0 for p in params)
+            filtered = sampling.filter_logits(logits[picked].float(), temperature, top_k, top_p, min_p, used)
             tokens[picked] = sampling.draw(filtered.softmax(dim=-1), seeds, steps)
         if penalised:
             self.counts.index_put_((rows, tokens[at]), torch.ones(len(penalised), dtype=torch.int32, device=self.device), accumulate=True)
-        chosen = tokens.tolist()
-        return chosen, self.logprobs(requests, raw, tokens)
+        asked = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        counts = [requests[i].params.logprobs for i in asked]
+        extra = []
+        if asked:  # the model's own log-probabilities (before masks, penalties and filters)
+            picked = to_device(asked, logits.device, torch.long)
+            extra = list(sampling.top_logprobs(raw[picked], tokens[picked], max(counts)))
+        return Sampled.of(tokens, asked, counts, extra)
 
     def values(self, values: list[list], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Per-row parameters [kinds, rows], in one copy to the device."""
-        return torch.tensor(values, dtype=dtype, device=self.device)
-
-    def logprobs(self, requests: list[Request], logits: torch.Tensor, tokens: torch.Tensor) -> list[Logprob | None]:
-        """The model's own log-probabilities (before masks, penalties and filters) of the chosen tokens and the top-N."""
-        asked = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-        out: list[Logprob | None] = [None] * len(requests)
-        if not asked:
-            return out
-        picked = torch.tensor(asked, device=logits.device)
-        n = max(requests[i].params.logprobs for i in asked)
-        chosen, ids, values = sampling.top_logprobs(logits[picked], tokens[picked], n)
-        for i, token, lp, alt_ids, alt_values in zip(asked, tokens[picked].tolist(), chosen.tolist(), ids.tolist(), values.tolist()):
-            top = requests[i].params.logprobs
-            out[i] = (token, lp, list(zip(alt_ids[:top], alt_values[:top])))
-        return out
-
+        return to_device(values, self.device, dtype)

@@ -50,8 +50,9 @@ class Scheduler:
     def schedule(self) -> ScheduledStep:
         step, budget = ScheduledStep(), self.max_batched_tokens
         planned: dict[Request, int] = {}
-        decoding = [r for r in self.running if r.num_tokens - r.num_computed == 1]
-        prefilling = [r for r in self.running if r.num_tokens - r.num_computed > 1]
+        active = [r for r in self.running if not r.last_token_pending]
+        decoding = [r for r in active if r.num_tokens - r.num_computed == 1]
+        prefilling = [r for r in active if r.num_tokens - r.num_computed > 1]
         for request in decoding + prefilling:
             if budget == 0:
                 break
