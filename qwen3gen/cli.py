@@ -1,4 +1,4 @@
-"""The `qwen3gen` command: a thin shell over the Python API (generate, chat, download)."""
+"""The `qwen3gen` command: a thin shell over the Python API (generate, chat, serve, download, bench)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(chat)
     chat.add_argument("--no-think", action="store_true", help="answer directly, without a thinking block")
     chat.add_argument("--system", help="a system prompt")
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (default model: the reasoning one)")
+    add_model_options(serve, "reasoning")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API route (/health stays open)")
+    serve.add_argument("--served-model-name", help="the name clients ask for (default: the --model value)")
+    serve.add_argument("--max-queue", type=int, help="most requests waiting for the engine; more get 429 at once (default: no limit)")
 
     download = commands.add_parser("download", help="fetch a model into the Hugging Face cache, and nothing else")
     download.add_argument("model", help="Hub repo id or alias (base, reasoning)")
@@ -240,6 +248,27 @@ def run_bench_command(args: argparse.Namespace) -> None:
         print(to_json(setup, rows))
 
 
+def check_serve_args(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise InvalidParameterError(f"--port must be in 0 to 65535, not {args.port}.")
+    if args.max_queue is not None and args.max_queue < 0:
+        raise InvalidParameterError(f"--max-queue must be >= 0, not {args.max_queue}.")
+
+
+def run_serve(llm: LLM, args: argparse.Namespace) -> None:
+    """Serve until Ctrl-C or SIGTERM. uvicorn handles both: it stops accepting, the app aborts what is left and ends
+    its engine thread, then uvicorn raises the signal again, so that the process ends as that signal says."""
+    import uvicorn
+
+    from .server import create_app
+
+    name = args.served_model_name or args.model
+    app = create_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
+    app.router.add_event_handler("shutdown", lambda: print("qwen3gen: server stopped", file=sys.stderr, flush=True))
+    print(f"qwen3gen: serving {name} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -251,12 +280,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "generate":
             check_generate_args(args)
+        if args.command == "serve":
+            check_serve_args(args)
         llm = load(
             args.model, device=args.device, dtype=args.dtype, compile=args.compile, quantization=args.quantize,
             **engine_kwargs(args),
         )  # fmt: skip
         if args.command == "generate":
             run_generate(llm, args)
+        elif args.command == "serve":
+            run_serve(llm, args)
         else:
             run_chat(llm, args)
     except Qwen3GenError as err:

@@ -27,3 +27,7 @@ class OutOfMemoryError(Qwen3GenError):
 
 class EngineError(Qwen3GenError):
     """The engine was asked for something it cannot do, such as aborting a request it does not know."""
+
+
+class QueueFullError(Qwen3GenError):
+    """More requests wait for the engine than the server's queue allows (--max-queue)."""
