@@ -119,12 +119,23 @@ def test_n_seeds_stops_and_logprobs(served, client):
 
 def test_reasoning_is_returned_apart_in_both_fields(served, client, monkeypatch):
     llm = served[0]
-    reply = iter(llm.tokenizer.encode("<think>\nTwo plus two is four.\n</think>\n\nIt is 4.") + [151645])
-    monkeypatch.setattr(llm.engine.sampler, "sample", lambda requests, logits: Sampled.of(torch.tensor([next(reply) for _ in requests]), [], [], []))
-    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2+2?"}], max_completion_tokens=50)
+    messages = [{"role": "user", "content": "2+2?"}]
+
+    def script():
+        reply = iter(llm.tokenizer.encode("<think>\nTwo plus two is four.\n</think>\n\nIt is 4.") + [151645])
+        sample = lambda requests, logits: Sampled.of(torch.tensor([next(reply) for _ in requests]), [], [], [])  # noqa: E731
+        monkeypatch.setattr(llm.engine.sampler, "sample", sample)
+
+    script()
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=50)
     message = out.choices[0].message
     assert message.content == "It is 4." and out.choices[0].finish_reason == "stop"
     assert message.model_extra["reasoning_content"] == message.model_extra["reasoning"] == "Two plus two is four."
+    script()
+    deltas = [c.choices[0].delta for c in client.chat.completions.create(model=MODEL, messages=messages, stream=True) if c.choices]
+    thinking = "".join(d.model_extra.get("reasoning_content") or "" for d in deltas)
+    assert thinking == "".join(d.model_extra.get("reasoning") or "" for d in deltas)
+    assert thinking.strip() == "Two plus two is four." and "".join(d.content or "" for d in deltas).strip() == "It is 4."
 
 
 def test_thirty_two_concurrent_streams_equal_their_offline_outputs(served, client):

@@ -88,22 +88,26 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        return APIError(error.status_code, str(error.detail), code=None if error.status_code < 500 else "server_error").response()
+        code = None if error.status_code < 500 else "server_error"
+        return APIError(error.status_code, str(error.detail), code=code).response()
 
     @app.middleware("http")
     async def guard(request: Request, call_next):  # noqa: ANN001, ANN202
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
-            return APIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB.", code="request_too_large").response()
+            message = f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB."
+            return APIError(413, message, code="request_too_large").response()
         if api_key is not None and request.url.path not in OPEN_PATHS:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return APIError(401, "the API key is missing or wrong (Authorization: Bearer KEY).", code="invalid_api_key").response()
+                message = "the API key is missing or wrong (Authorization: Bearer KEY)."
+                return APIError(401, message, code="invalid_api_key").response()
         return await call_next(request)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}.", param="model", code="model_not_found")
+            message = f"the model {name!r} does not exist; this server serves {model_name!r}."
+            raise APIError(404, message, param="model", code="model_not_found")
 
     def params_of(body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
         try:
@@ -117,7 +121,9 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         except InvalidParameterError as error:
             raise APIError(400, str(error), param="prompt") from None
 
-    async def submit(prompts: list[list[int]], params: SamplingParams, n: int) -> tuple[dict[str, Choice], asyncio.Queue]:
+    async def submit(
+        prompts: list[list[int]], params: SamplingParams, n: int
+    ) -> tuple[dict[str, Choice], asyncio.Queue]:  # fmt: skip
         """Every (prompt, sample) pair as a request of its own, all feeding one queue; all or none are added."""
         queue: asyncio.Queue = asyncio.Queue()
         choices: dict[str, Choice] = {}
@@ -178,7 +184,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         tokens = [token_text(t) for t, _, _ in entries]
         offsets = [sum(map(len, tokens[:i])) for i in range(len(tokens))]
         tops = [{token_text(a): v for a, v in top} for _, _, top in entries]
-        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": tops, "text_offset": offsets}
+        chosen = [lp for _, lp, _ in entries]
+        return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
 
     def sse(payload: dict | str) -> str:
         return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
@@ -202,7 +209,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "qwen3gen", "max_model_len": context}
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "qwen3gen"}
+        card["max_model_len"] = context
         return {"object": "list", "data": [card]}
 
     @app.post("/tokenize")
@@ -268,7 +276,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         params = params_of(body)
         options = dict(body.chat_template_kwargs or {})
         try:
-            prompt = tokenizer.apply_chat_template([m.for_template() for m in body.messages], add_generation_prompt=True, **options)
+            messages = [m.for_template() for m in body.messages]
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **options)
         except Exception as error:  # the template raised (a role it does not know, a malformed turn)
             raise APIError(400, f"the chat template cannot render these messages: {error}", param="messages") from None
         text = tokenizer.decode(prompt)
@@ -293,29 +302,29 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                 message = {"role": "assistant", "content": "".join(parts[choice.index]["answer"]).strip(),
                            "reasoning_content": reasoning, "reasoning": reasoning}  # fmt: skip
                 lp = chat_logprobs(choice.logprobs) if body.logprobs else None
-                result.append({"index": choice.index, "message": message, "logprobs": lp, "finish_reason": choice.finish_reason})
+                finish = choice.finish_reason
+                result.append({"index": choice.index, "message": message, "logprobs": lp, "finish_reason": finish})
             return {**head, "object": "chat.completion", "choices": result, "usage": usage(choices)}
 
         async def events() -> AsyncIterator[str]:
-            chunk = {**head, "object": "chat.completion.chunk"}
+            def chunk(index: int, delta: dict, logprobs: dict | None = None, finish: str | None = None) -> str:
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+                return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+
             for choice in sorted(choices.values(), key=lambda c: c.index):
-                yield sse({**chunk, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]})  # fmt: skip
+                yield chunk(choice.index, {"role": "assistant", "content": ""})
             async for choice, out in outputs(choices, queue):
                 deltas = []
                 for kind, piece in pieces(choice, out):
-                    deltas.append({"reasoning_content": piece, "reasoning": piece} if kind == "reasoning" else {"content": piece})
+                    reasoning = {"reasoning_content": piece, "reasoning": piece}
+                    deltas.append(reasoning if kind == "reasoning" else {"content": piece})
                 lp = chat_logprobs(out.logprobs or []) if body.logprobs and out.logprobs else None
-                if lp and not deltas:
-                    deltas.append({})
-                for i, delta in enumerate(deltas):
-                    yield sse({**chunk, "choices": [{"index": choice.index, "delta": delta, "logprobs": lp if i == 0 else None,
-                                                     "finish_reason": None}]})  # fmt: skip
+                for i, delta in enumerate(deltas or ([{}] if lp else [])):
+                    yield chunk(choice.index, delta, lp if i == 0 else None)
                 if out.finished:
-                    yield sse({**chunk, "choices": [{"index": choice.index, "delta": {}, "logprobs": None,
-                                                     "finish_reason": choice.finish_reason}]})  # fmt: skip
+                    yield chunk(choice.index, {}, finish=choice.finish_reason)
             if body.stream_options and body.stream_options.include_usage:
-                yield sse({**chunk, "choices": [], "usage": usage(choices)})
+                yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(choices)})
             yield sse("[DONE]")
 
         return stream_response(events())

@@ -35,7 +35,8 @@ class EngineLoop:
                 raise EngineError("the server is shutting down.")
             waiting = len(self.engine.scheduler.waiting)
             if self.max_queue is not None and waiting >= self.max_queue:
-                raise QueueFullError(f"{waiting} requests are waiting already (--max-queue {self.max_queue}); retry later.")
+                message = f"{waiting} requests are waiting already (--max-queue {self.max_queue}); retry later."
+                raise QueueFullError(message)
             self.queues[request_id] = (asyncio.get_running_loop(), queue)
             try:
                 self.engine.add_request(prompt_ids, params, request_id=request_id)
