@@ -258,3 +258,23 @@ def test_serve_command_answers_and_stops_on_sigterm(tiny_checkpoint):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_metrics_parse_and_move(served, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        text = httpx.get(served[1].url + "/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    before = scrape()
+    client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    after = scrape()
+    moved = lambda name, labels=(): after.get((name, labels), 0) - before.get((name, labels), 0)  # noqa: E731
+    assert moved("qwen3gen_requests_total", (("finish_reason", "length"),)) >= 1
+    assert moved("qwen3gen_generation_tokens_total") >= 5 and moved("qwen3gen_prompt_tokens_total") >= len(served[0].tokenizer.encode(PROMPT))
+    assert moved("qwen3gen_time_to_first_token_seconds_count") >= 1 and moved("qwen3gen_inter_token_latency_seconds_count") >= 4
+    for gauge in ("requests_running", "requests_waiting", "kv_cache_usage_ratio", "prefix_cache_hit_ratio"):
+        assert (f"qwen3gen_{gauge}", ()) in after
+    assert 0 <= after[("qwen3gen_prefix_cache_hit_ratio", ())] <= 1 and 0 <= after[("qwen3gen_kv_cache_usage_ratio", ())] <= 1

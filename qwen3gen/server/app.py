@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API over one loaded model: chat and text completions (streamed as server-sent events or
 not), models, health, tokenize and detokenize. The handlers only add, stream and abort requests: the engine runs in
-its own thread (engine_loop.py). Every failure a client can cause is an OpenAI error object with a 4xx status."""
+its own thread (engine_loop.py). Every failure a client can cause is an OpenAI error object with a 4xx status.
+/metrics is Prometheus' text format (metrics.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from ..engine import RequestOutput
@@ -22,6 +24,7 @@ from ..errors import ContextLengthError, EngineError, InvalidParameterError, Out
 from ..llm import LLM, THINK_END, THINK_START, ReasoningSplitter, sample_params
 from ..sampling import SamplingParams
 from .engine_loop import EngineFailure, EngineLoop
+from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 MAX_BODY_BYTES = 4 << 20
@@ -62,6 +65,7 @@ class Choice:
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0
+    last_output_at: float = field(default_factory=time.perf_counter)  # arrival, then each output
 
 
 def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue: int | None = None) -> FastAPI:
@@ -70,6 +74,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
     tokenizer, context = llm.tokenizer, llm.model.config.max_position_embeddings
     created = int(time.time())
     app = FastAPI(title="qwen3gen", docs_url=None, redoc_url=None)
+    metrics = Metrics(llm.engine)
     app.state.engine_loop = loop
     app.router.add_event_handler("shutdown", loop.stop)
 
@@ -143,6 +148,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         for request_id, choice in choices.items():
             if choice.finish_reason is None:
                 loop.abort(request_id)
+                choice.finish_reason = "abort"
+                metrics.finished("abort", choice.prompt_tokens)
 
     async def outputs(choices: dict[str, Choice], queue: asyncio.Queue) -> AsyncIterator[tuple[Choice, RequestOutput]]:
         """Each output as it comes, with its choice brought up to date; aborts what is left if the caller stops."""
@@ -152,12 +159,15 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                 item = await queue.get()
                 if isinstance(item, EngineFailure):
                     raise APIError(500, item.message, "server_error")
-                choice = choices[item.request_id]
+                choice, now = choices[item.request_id], time.perf_counter()
+                metrics.tokens(len(item.new_token_ids), now - choice.last_output_at, first=not choice.tokens)
+                choice.last_output_at = now
                 choice.tokens += item.new_token_ids
                 choice.logprobs += item.logprobs or []
                 choice.cached_tokens = item.num_cached_tokens
                 if item.finished:
                     choice.finish_reason = "length" if item.finish_reason == "length" else "stop"
+                    metrics.finished(choice.finish_reason, choice.prompt_tokens)
                     left -= 1
                 yield choice, item
         finally:
@@ -206,6 +216,10 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict:
