@@ -278,3 +278,20 @@ def test_metrics_parse_and_move(served, client):
     for gauge in ("requests_running", "requests_waiting", "kv_cache_usage_ratio", "prefix_cache_hit_ratio"):
         assert (f"qwen3gen_{gauge}", ()) in after
     assert 0 <= after[("qwen3gen_prefix_cache_hit_ratio", ())] <= 1 and 0 <= after[("qwen3gen_kv_cache_usage_ratio", ())] <= 1
+
+
+def aborted_requests(url: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [s for f in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in f.samples]
+    return sum(s.value for s in samples if s.name == "qwen3gen_requests_total" and s.labels.get("finish_reason") == "abort")
+
+
+def test_a_client_gone_before_a_whole_answer_frees_its_blocks(served):
+    llm, server = served
+    free, before = llm.engine.stats()["kv_blocks_free"], aborted_requests(server.url)
+    body = {"model": MODEL, "prompt": PROMPT * 20, "max_tokens": 380, "n": 4, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # about 2.5 s of work here
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
+    wait_for_idle(llm)
+    assert llm.engine.stats()["kv_blocks_free"] == free and aborted_requests(server.url) - before == 4

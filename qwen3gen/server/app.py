@@ -17,7 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..engine import RequestOutput
 from ..errors import ContextLengthError, EngineError, InvalidParameterError, OutOfMemoryError, QueueFullError
@@ -28,6 +30,7 @@ from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 MAX_BODY_BYTES = 4 << 20
+DISCONNECT_POLL_S = 0.25  # how often a request answered only at its end checks that its client is still there
 OPEN_PATHS = ("/health", "/metrics", "/")  # answered without the API key
 
 
@@ -51,6 +54,32 @@ REFUSALS = {  # the engine's refusals of a request, as the client's fault
     QueueFullError: (429, "rate_limit_error", "queue_full"),
     EngineError: (503, "server_error", None),
 }
+
+
+class Guard:
+    """Refuses, before the body is read, a body over MAX_BODY_BYTES (413) and a missing or wrong API key (401). A
+    plain ASGI middleware: the handlers still see their client's disconnect, which a BaseHTTPMiddleware hides."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            size = headers.get("content-length")
+            refusal = None
+            if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+                message = f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB."
+                refusal = APIError(413, message, code="request_too_large")
+            elif self.api_key is not None and scope["path"] not in OPEN_PATHS:
+                given = headers.get("authorization", "")
+                if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                    message = "the API key is missing or wrong (Authorization: Bearer KEY)."
+                    refusal = APIError(401, message, code="invalid_api_key")
+            if refusal is not None:
+                await refusal.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @dataclass
@@ -96,18 +125,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         code = None if error.status_code < 500 else "server_error"
         return APIError(error.status_code, str(error.detail), code=code).response()
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):  # noqa: ANN001, ANN202
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
-            message = f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB."
-            return APIError(413, message, code="request_too_large").response()
-        if api_key is not None and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                message = "the API key is missing or wrong (Authorization: Bearer KEY)."
-                return APIError(401, message, code="invalid_api_key").response()
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=api_key)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -151,12 +169,22 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                 choice.finish_reason = "abort"
                 metrics.finished("abort", choice.prompt_tokens)
 
-    async def outputs(choices: dict[str, Choice], queue: asyncio.Queue) -> AsyncIterator[tuple[Choice, RequestOutput]]:
-        """Each output as it comes, with its choice brought up to date; aborts what is left if the caller stops."""
-        left = len(choices)
+    async def outputs(
+        choices: dict[str, Choice], queue: asyncio.Queue, client: Request | None = None
+    ) -> AsyncIterator[tuple[Choice, RequestOutput]]:  # fmt: skip
+        """Each output as it comes, with its choice brought up to date; aborts what is left if the caller stops, or,
+        given the client's request (a response sent only at the end), once the client has gone."""
+        left, checked = len(choices), time.perf_counter()
         try:
             while left:
-                item = await queue.get()
+                if client is not None and time.perf_counter() - checked > DISCONNECT_POLL_S:
+                    checked = time.perf_counter()
+                    if await client.is_disconnected():
+                        return
+                try:
+                    item = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S) if client else await queue.get()
+                except asyncio.TimeoutError:
+                    continue
                 if isinstance(item, EngineFailure):
                     raise APIError(500, item.message, "server_error")
                 choice, now = choices[item.request_id], time.perf_counter()
@@ -247,7 +275,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         return {"prompt": tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):  # noqa: ANN202
+    async def completions(body: CompletionRequest, client: Request):  # noqa: ANN202
         check_model(body.model)
         params = params_of(body)
         texts = body.prompts()
@@ -264,7 +292,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
             return {"index": choice.index, "text": text, "logprobs": lp, "finish_reason": choice.finish_reason}
 
         if not body.stream:
-            async for choice, out in outputs(choices, queue):
+            async for choice, out in outputs(choices, queue, client):
                 choice.text.append(out.text)
             ordered = sorted(choices.values(), key=lambda c: c.index)
             prefix = lambda c: echoed[c.prompt_index] if echoed else ""  # noqa: E731
@@ -285,7 +313,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         return stream_response(events())
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):  # noqa: ANN202
+    async def chat_completions(body: ChatCompletionRequest, client: Request):  # noqa: ANN202
         check_model(body.model)
         params = params_of(body)
         options = dict(body.chat_template_kwargs or {})
@@ -307,7 +335,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
 
         if not body.stream:
             parts = {c.index: {"reasoning": [], "answer": []} for c in choices.values()}
-            async for choice, out in outputs(choices, queue):
+            async for choice, out in outputs(choices, queue, client):
                 for kind, piece in pieces(choice, out):
                     parts[choice.index][kind].append(piece)
             result = []
