@@ -24,13 +24,17 @@ class EngineState(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         stats = self.engine.stats()
-        yield GaugeMetricFamily(f"{PREFIX}_requests_running", "Requests in the running batch.", stats["running"])
-        yield GaugeMetricFamily(f"{PREFIX}_requests_waiting", "Requests waiting to be admitted.", stats["waiting"])
         usage = stats["kv_blocks_used"] / max(1, stats["kv_blocks_total"])
-        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_usage_ratio", "Share of the KV pool's blocks held by requests.", usage)
         queried = stats["prefix_cache_queried_tokens"]
         hit_rate = stats["prefix_cache_hit_tokens"] / queried if queried else 0.0
-        yield GaugeMetricFamily(f"{PREFIX}_prefix_cache_hit_ratio", "Prompt tokens found in the prefix cache.", hit_rate)
+        gauges = [
+            ("requests_running", "Requests in the running batch.", stats["running"]),
+            ("requests_waiting", "Requests waiting to be admitted.", stats["waiting"]),
+            ("kv_cache_usage_ratio", "Share of the KV pool's blocks held by requests.", usage),
+            ("prefix_cache_hit_ratio", "Share of prompt tokens found in the prefix cache.", hit_rate),
+        ]
+        for name, description, value in gauges:
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", description, value)
 
 
 class Metrics:
@@ -38,11 +42,12 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(f"{PREFIX}_requests", "Finished requests, by finish reason.", ["finish_reason"],
                                 registry=self.registry)  # fmt: skip
-        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.", registry=self.registry)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.",
+                                     registry=self.registry)  # fmt: skip
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated.", registry=self.registry)
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "From arrival to the first token.",
                               buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
-        self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds", "Between a request's successive outputs, per token.",
+        self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds", "Between a request's outputs, per token.",
                              buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
         self.registry.register(EngineState(engine))
 
