@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API over one loaded model: chat and text completions (streamed as server-sent events or
 not), models, health, tokenize and detokenize. The handlers only add, stream and abort requests: the engine runs in
 its own thread (engine_loop.py). Every failure a client can cause is an OpenAI error object with a 4xx status.
-/metrics is Prometheus' text format (metrics.py)."""
+/metrics is Prometheus' text format (metrics.py); / is a chat page (static/chat.html: no build step, no CDN)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -240,6 +241,12 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                 yield sse({"error": {"message": error.message, "type": error.kind, "param": None, "code": error.code}})
 
         return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    page = (resources.files(__package__) / "static" / "chat.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> str:
+        return page
 
     @app.get("/health")
     async def health() -> dict:
