@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     workload.add_argument("--max-output-tokens", type=int)
     workload.add_argument("--kv-memory", help="KV pool of every engine (default: room for all the requests at once)")
     workload.add_argument("--max-batched-tokens", type=int, help="token budget of one step")
+    serve = bench.add_argument_group("--serve: the server under load over HTTP, against the offline engine")
+    serve.add_argument("--serve", action="store_true", help="the throughput workload and a latency workload (concurrency 1, 16, 64 on a GPU) through `qwen3gen serve`")
+    serve.add_argument("--tokenizer", help="with random weights: a folder with tokenizer.json and tokenizer_config.json")
+    serve.add_argument("--compile", action="store_true", help="compile the engines' decode steps")
     return parser
 
 
@@ -229,6 +233,14 @@ def run_bench_command(args: argparse.Namespace) -> None:
 
         return show
 
+    if args.serve:
+        from .serve_bench import SERVE_TABLE_HEAD, format_serve_row, format_serve_setup, run_serve_bench
+
+        run_serve_bench(
+            args.model, args.tokenizer, args.preset, args.device, args.dtype, args.requests, args.compile,
+            on_row=printer(format_serve_setup, SERVE_TABLE_HEAD, format_serve_row),
+        )  # fmt: skip
+        return
     if args.throughput:
         show = printer(format_throughput_setup, THROUGHPUT_TABLE_HEAD, format_throughput_row)
         setup, rows = run_throughput(

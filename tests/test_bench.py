@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 import torch
 from checkpoints import TINY
 
+import qwen3gen
 from qwen3gen import cli
 from qwen3gen.bench import (
     THROUGHPUT_TABLE_HEAD, format_throughput_row, format_throughput_setup, random_model, run_bench, run_throughput,
@@ -70,3 +72,17 @@ def test_bench_counts_below_one_are_refused(capsys):
         assert cli.main(["bench", flag, "0"]) == 1
         err = capsys.readouterr().err
         assert f"{flag} must be at least 1" in err and "Traceback" not in err
+
+
+def test_serve_bench_gets_every_token_over_http(tiny_checkpoint):
+    from qwen3gen.serve_bench import SERVE_TABLE_HEAD, format_serve_row, run_serve_bench
+
+    setup, rows = run_serve_bench(str(tiny_checkpoint), device="cpu", dtype="float32", requests=3)
+    assert [(r.workload, r.concurrency) for r in rows] == [("throughput", 64), ("latency", 1), ("latency", 2), ("latency", 4)]
+    for row in rows:
+        assert row.requests == 3 and row.http_tokens_per_s > 0 and row.offline_tokens_per_s > 0
+        assert all(v >= 0 for v in row.ttft_ms + row.itl_ms)
+        assert format_serve_row(row).count("|") == SERVE_TABLE_HEAD.splitlines()[0].count("|")
+    assert [r.output_tokens for r in rows[1:]] == [3 * 16] * 3  # every token of every request came back
+    with pytest.raises(qwen3gen.InvalidParameterError, match="--tokenizer"):
+        run_serve_bench(None, device="cpu")

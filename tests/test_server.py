@@ -5,42 +5,20 @@ or not, many clients at once, reasoning split, and an OpenAI error object for ev
 import concurrent.futures
 import json
 import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 import qwen3gen
 from qwen3gen.engine.sampler import Sampled
 from qwen3gen.server import create_app
+from qwen3gen.server.thread import ServerThread as Server
 
 MODEL = "tiny-qwen3"
 PROMPT = "The capital of France is"
-
-
-class Server:
-    """uvicorn in a thread on a free port of 127.0.0.1; stop() ends it and the app's engine thread."""
-
-    def __init__(self, app) -> None:
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive()
 
 
 @pytest.fixture(scope="module")
