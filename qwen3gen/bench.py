@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .choices import ENGINES, THROUGHPUT_ENGINES
 from .config import Qwen3Config, preset
 from .engine import Engine
 from .engine.engine import default_limits
@@ -35,7 +36,6 @@ from .results import peak_memory, reset_peak_memory
 from .sampling import SamplingParams
 
 # transformers first: its row is the baseline of every later row's ratio, and its tokens the reference.
-ENGINES = ("transformers", "qwen3gen", "qwen3gen-compiled", "transformers-static")
 
 
 @dataclass
@@ -302,7 +302,6 @@ def to_json(setup: dict, rows: list[BenchRow] | list[ThroughputRow]) -> str:
 
 # --- offline throughput ------------------------------------------------------------------------------------------------
 
-THROUGHPUT_ENGINES = ("transformers", "qwen3gen", "qwen3gen-compiled")
 HF_PAGE_SIZE = 256  # transformers' default page (block) of its continuous-batching cache
 
 

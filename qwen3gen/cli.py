@@ -1,4 +1,5 @@
-"""The `qwen3gen` command: a thin shell over the Python API (generate, chat, serve, download, bench)."""
+"""The `qwen3gen` command: a thin shell over the Python API (generate, chat, serve, download, bench). torch and the
+model are imported only once a command needs them, so that --help and --version answer at once."""
 
 from __future__ import annotations
 
@@ -6,16 +7,17 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from .bench import (
-    ENGINES, TABLE_HEAD, THROUGHPUT_ENGINES, THROUGHPUT_TABLE_HEAD, format_row, format_setup, format_throughput_row,
-    format_throughput_setup, run_bench, run_throughput, to_json,
-)
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .choices import ENGINES, QUANTIZATIONS, THROUGHPUT_ENGINES
 from .errors import InvalidParameterError, Qwen3GenError
-from .llm import LLM, load
-from .loaders import checkpoint
-from .loaders.quantize import QUANTIZATIONS
-from .results import Generation, GenerationStats
+
+if TYPE_CHECKING:
+    from .llm import LLM
+    from .results import Generation, GenerationStats
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -60,12 +62,15 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen3gen", description="Text generation with Qwen3 models in pure PyTorch.")
+    parser.add_argument("--version", action="version", version=f"qwen3gen {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="continue a prompt (default model: the base one)")
     generate.add_argument("prompt", nargs="?", help="the prompt text, or - to read it from standard input")
     generate.add_argument("--batch", metavar="FILE", help="generate for every line of FILE (- for standard input) as one batch")
     generate.add_argument("-n", type=int, default=1, help="samples per prompt, generated as one batch")
+    generate.add_argument("--chat", action="store_true", help="send each prompt as a user turn through the checkpoint's chat template")
+    generate.add_argument("--system", help="with --chat: a system prompt before it")
     add_model_options(generate, "base")
     add_sampling_options(generate)
     output = generate.add_mutually_exclusive_group()
@@ -127,15 +132,43 @@ def generation_dict(out: Generation) -> dict:
     return {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason, "stats": out.stats.to_dict()}
 
 
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """PROMPT, standard input (PROMPT -), or the non-empty lines of --batch FILE (- for standard input), as text."""
+    source = args.batch or (args.prompt if args.prompt == "-" else None)
+    if source is None:
+        return [args.prompt]
+    name = "standard input" if source == "-" else source
+    try:
+        text = (read_stdin() if source == "-" else Path(source).read_bytes()).decode("utf-8")
+    except IsADirectoryError:
+        raise InvalidParameterError(f"{name} is a directory, not a file of prompts.") from None
+    except OSError as error:
+        raise InvalidParameterError(f"cannot read {name}: {error.strerror or error}.") from None
+    except UnicodeDecodeError as error:
+        raise InvalidParameterError(f"{name} is not UTF-8 text (byte {error.start} is not valid UTF-8).") from None
+    prompts = [line for line in text.splitlines() if line.strip()] if args.batch else [text]
+    if not prompts:
+        raise InvalidParameterError(f"{name} holds no prompt.")
+    return prompts
+
+
+def read_stdin() -> bytes:
+    """Standard input's bytes (decoded here, so that bad UTF-8 gets one sentence), or a text stream's, re-encoded."""
+    stream = getattr(sys.stdin, "buffer", None)
+    return stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+
+
+def prepared(llm: LLM, args: argparse.Namespace, prompt: str) -> str | list[int]:
+    """The prompt as given, or with --chat as a user turn (after --system) through the checkpoint's chat template."""
+    if not args.chat:
+        return prompt
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return llm.tokenizer.apply_chat_template([*system, {"role": "user", "content": prompt}], add_generation_prompt=True)
+
+
 def run_batch(llm: LLM, args: argparse.Namespace) -> None:
     """Every prompt (the lines of --batch FILE, or PROMPT) x n samples as one batch; JSON Lines with --json."""
-    if args.batch:
-        with open(0 if args.batch == "-" else args.batch, encoding="utf-8") as lines:
-            prompts = [line.rstrip("\n") for line in lines if line.strip()]
-    else:
-        prompts = [sys.stdin.read() if args.prompt == "-" else args.prompt]
-    if not prompts:
-        raise InvalidParameterError(f"{args.batch} holds no prompt.")
+    prompts = [prepared(llm, args, p) for p in read_prompts(args)]
     results = llm.generate(prompts, n=args.n, **sampling_kwargs(args))
     flat = [g for group in results for g in (group if args.n > 1 else [group])]
     for i, out in enumerate(flat):
@@ -152,6 +185,8 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise InvalidParameterError("give a PROMPT or --batch FILE, not both.")
     if args.n < 1:
         raise InvalidParameterError(f"-n must be >= 1, not {args.n}.")
+    if args.system is not None and not args.chat:
+        raise InvalidParameterError("--system goes with --chat.")
     if (args.batch or args.n > 1) and args.stream:
         raise InvalidParameterError("--stream shows one generation; use --json or plain output with --batch or -n.")
 
@@ -160,7 +195,7 @@ def run_generate(llm: LLM, args: argparse.Namespace) -> None:
     if args.batch or args.n > 1:
         run_batch(llm, args)
         return
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = prepared(llm, args, read_prompts(args)[0])
     options = sampling_kwargs(args)
     if args.stream:
         stream = llm.stream(prompt, **options)
@@ -210,6 +245,11 @@ def run_chat(llm: LLM, args: argparse.Namespace) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> None:
+    from .bench import (
+        TABLE_HEAD, THROUGHPUT_TABLE_HEAD, format_row, format_setup, format_throughput_row, format_throughput_setup,
+        run_bench, run_throughput, to_json,
+    )
+
     counts = ("prompt_tokens", "new_tokens", "batch", "reps", "requests", "concurrency", "max_batched_tokens")
     counts += ("min_prompt_tokens", "max_prompt_tokens", "min_output_tokens", "max_output_tokens")
     for name in counts:
@@ -285,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "download":
+            from .loaders import checkpoint
+
             print(checkpoint.download(args.model))
             return 0
         if args.command == "bench":
@@ -294,6 +336,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_generate_args(args)
         if args.command == "serve":
             check_serve_args(args)
+        else:  # generate, chat: their sampling flags, checked before a load of many seconds
+            from .sampling import SamplingParams
+
+            SamplingParams(**{k: v for k, v in sampling_kwargs(args).items() if v is not None})
+        from .llm import load
+
         llm = load(
             args.model, device=args.device, dtype=args.dtype, compile=args.compile, quantization=args.quantize,
             **engine_kwargs(args),

@@ -98,3 +98,61 @@ def test_samples_of_one_prompt_and_missing_prompt(capsys, tiny_checkpoint):
     assert code == 0 and [json.loads(line)["sample"] for line in out.splitlines()] == [0, 1, 2]
     code, out, err = run(capsys, "generate", "-n", "2", "--model", str(tiny_checkpoint))
     assert code == 1 and err.strip() == "qwen3gen: error: give a PROMPT, or --batch FILE."
+
+
+def test_help_and_version_answer_without_importing_torch():
+    """--help and --version must come at once: nothing heavy is imported to build the parser or to read the version."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from qwen3gen import cli\n"
+        "for flag in ('--help', '--version'):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "        cli.main([flag])\n"
+        "    print(flag, out.getvalue().splitlines()[0])\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--help usage: qwen3gen" in proc.stdout and "--version qwen3gen 0.1.0" in proc.stdout
+    assert "torch imported: False" in proc.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+])  # fmt: skip
+def test_sampling_flags_fail_before_the_model_loads(tmp_path, capsys, flags, message):
+    """The model path does not exist: had it been loaded first, the error would be about it."""
+    assert cli.main(["generate", "Hi", "--model", str(tmp_path / "missing"), *flags]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_unreadable_prompt_sources_are_one_sentence(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    binary = tmp_path / "latin1.txt"
+    binary.write_bytes("caf\xe9\n".encode("latin-1"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    cases = [
+        (["--batch", str(tmp_path / "nope.txt")], f"cannot read {tmp_path / 'nope.txt'}: No such file or directory."),
+        (["--batch", str(tmp_path)], f"{tmp_path} is a directory, not a file of prompts."),
+        (["--batch", str(binary)], f"{binary} is not UTF-8 text (byte 3 is not valid UTF-8)."),
+        (["--batch", str(empty)], f"{empty} holds no prompt."),
+    ]
+    for flags, message in cases:
+        code, _, err = run(capsys, "generate", *flags, "--model", str(tiny_checkpoint), "--max-new-tokens", "2")
+        assert code == 1 and err.strip() == f"qwen3gen: error: {message}"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe bad")))
+    code, _, err = run(capsys, "generate", "-", "--model", str(tiny_checkpoint), "--max-new-tokens", "2")
+    assert code == 1 and err.strip() == "qwen3gen: error: standard input is not UTF-8 text (byte 0 is not valid UTF-8)."
+
+
+def test_generate_chat_applies_the_template(capsys, tiny_checkpoint, tiny_llm):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ids = tiny_llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    expected = tiny_llm.generate(ids, max_new_tokens=6, temperature=0.0).text
+    code, out, _ = run(capsys, "generate", "Hi", "--chat", "--system", "Be brief.", "--model", str(tiny_checkpoint),
+                       "--max-new-tokens", "6", "--temperature", "0")  # fmt: skip
+    assert code == 0 and out == expected + "\n"
+    code, _, err = run(capsys, "generate", "Hi", "--system", "x", "--model", str(tiny_checkpoint))
+    assert code == 1 and "--system goes with --chat" in err

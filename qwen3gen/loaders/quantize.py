@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import QUANTIZATIONS
 from ..errors import InvalidParameterError
 from ..model import Qwen3
-
-QUANTIZATIONS = ("int8",)
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
