@@ -19,9 +19,6 @@ if TYPE_CHECKING:
     from .llm import LLM
     from .results import Generation, GenerationStats
 
-DIM, RESET = "\033[2m", "\033[0m"
-
-
 def add_model_options(parser: argparse.ArgumentParser, default_model: str) -> None:
     parser.add_argument("--model", default=default_model, help=f"checkpoint folder, Hub repo id, .gguf file, or alias base/reasoning (default: {default_model})")
     parser.add_argument("--device", help="cuda, mps, xpu or cpu (default: the first available, in that order)")
@@ -213,35 +210,9 @@ def run_generate(llm: LLM, args: argparse.Namespace) -> None:
 
 
 def run_chat(llm: LLM, args: argparse.Namespace) -> None:
-    """Read a line, stream the reply (thinking dimmed, apart from the answer), repeat; /reset clears, /exit or EOF ends."""
-    dim, reset = (DIM, RESET) if sys.stdout.isatty() else ("", "")
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict] = []
-    print("qwen3gen chat: type a message; /reset starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print()
-            return
-        if line.strip() in ("/exit", "/quit"):
-            return
-        if line.strip() == "/reset":
-            history = []
-            continue
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        stream = llm.chat_stream(system + history, enable_thinking=not args.no_think, **sampling_kwargs(args))
-        kind_shown = None
-        for kind, text in stream:
-            if kind != kind_shown:
-                print(f"{dim}[thinking]\n" if kind == "reasoning" else f"{reset}\n" * (kind_shown is not None), end="")
-                kind_shown = kind
-            print(text, end="", flush=True)
-        print(reset)
-        history.append({"role": "assistant", "content": stream.result.answer})
-        print_stats(stream.result.stats)
+    from .repl import ChatSession
+
+    ChatSession(llm, args.system, not args.no_think, sampling_kwargs(args)).run()
 
 
 def run_bench_command(args: argparse.Namespace) -> None:

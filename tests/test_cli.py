@@ -77,10 +77,11 @@ def test_download_fetches_only(capsys, monkeypatch, tmp_path):
 
 
 def test_chat_repl_streams_and_keeps_history(capsys, tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\n/reset\nWhat is 2+2?\n/exit\nnever read\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\n/reset\ny\nWhat is 2+2?\n/exit\nnever read\n"))
     code, out, err = run(capsys, "chat", "--model", str(tiny_checkpoint), "--max-new-tokens", "5", "--temperature", "0", "--no-think")
     assert code == 0
-    assert out.count(">>> ") == 5  # two messages, an empty line, /reset and /exit
+    assert out.count(">>> ") == 5  # two messages, an empty line, /reset (then its question) and /exit
+    assert "forget the whole conversation? [y/N]" in out and "conversation cleared." in err
     assert err.count("5 new tokens") + err.count("tok/s") >= 2
 
 
