@@ -4,9 +4,11 @@ model are imported only once a command needs them, so that --help and --version 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -44,10 +46,10 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
     group.add_argument("--max-new-tokens", type=int, help="most tokens to generate")
     group.add_argument("--temperature", type=float, help="0 for greedy decoding")
-    group.add_argument("--top-k", type=int)
-    group.add_argument("--top-p", type=float)
-    group.add_argument("--min-p", type=float)
-    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--top-k", type=int, help="sample among the K most likely tokens only (0: off)")
+    group.add_argument("--top-p", type=float, help="sample among the most likely tokens that make up probability P (1: off)")
+    group.add_argument("--min-p", type=float, help="drop tokens less likely than P times the most likely one (0: off)")
+    group.add_argument("--repetition-penalty", type=float, help="divide the logits of tokens already seen by R (1: off)")
     group.add_argument("--seed", type=int, help="same seed, same text")
     group.add_argument("--stop", action="append", help="stop when this text appears (repeatable); it is not printed")
 
@@ -94,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="decode speed of qwen3gen against transformers, in one run")
     bench.add_argument("--model", help="a checkpoint (default: random weights of --preset's shape, offline)")
     bench.add_argument("--preset", default="0.6B", help="model shape when no --model is given (default: 0.6B)")
-    bench.add_argument("--device")
-    bench.add_argument("--dtype")
-    bench.add_argument("--quantize", choices=QUANTIZATIONS)
-    bench.add_argument("--prompt-tokens", type=int, default=32)
-    bench.add_argument("--new-tokens", type=int, default=256)
+    bench.add_argument("--device", help="cuda, mps, xpu or cpu (default: the first available)")
+    bench.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs, float32 on CPU)")
+    bench.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization of qwen3gen's model")
+    bench.add_argument("--prompt-tokens", type=int, default=32, help="prompt length of every row (default: 32)")
+    bench.add_argument("--new-tokens", type=int, default=256, help="tokens generated per row, EOS ignored (default: 256)")
     bench.add_argument("--batch", type=int, default=1, help="rows decoded together")
     bench.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up run)")
     bench.add_argument("--engines", help=f"comma-separated subset of {','.join(ENGINES)} (with --throughput: of {','.join(THROUGHPUT_ENGINES)})")
@@ -107,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     workload.add_argument("--throughput", action="store_true", help="many requests of random lengths through the engine and transformers' continuous batching")
     workload.add_argument("--requests", type=int, help="how many requests")
     workload.add_argument("--concurrency", type=int, help="most requests running at once (default: the engine's max_running)")
-    workload.add_argument("--min-prompt-tokens", type=int)
-    workload.add_argument("--max-prompt-tokens", type=int)
-    workload.add_argument("--min-output-tokens", type=int)
-    workload.add_argument("--max-output-tokens", type=int)
+    workload.add_argument("--min-prompt-tokens", type=int, help="shortest prompt")
+    workload.add_argument("--max-prompt-tokens", type=int, help="longest prompt")
+    workload.add_argument("--min-output-tokens", type=int, help="fewest tokens a request generates")
+    workload.add_argument("--max-output-tokens", type=int, help="most tokens a request generates")
     workload.add_argument("--kv-memory", help="KV pool of every engine (default: room for all the requests at once)")
     workload.add_argument("--max-batched-tokens", type=int, help="token budget of one step")
     serve = bench.add_argument_group("--serve: the server under load over HTTP, against the offline engine")
@@ -292,6 +294,21 @@ def run_serve(llm: LLM, args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
+@contextlib.contextmanager
+def sigint_for_the_main_thread(active: bool) -> Iterator[None]:
+    """Threads started inside (torch's and the C kernels' compute threads) never take a Ctrl-C: the terminal's
+    SIGINT then always reaches the main thread, which waits in input() at the chat prompt. Taken by another thread,
+    it would not wake that wait, and Ctrl-C at the prompt would be lost. A Ctrl-C during the block lands after it."""
+    if not active or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -313,10 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             SamplingParams(**{k: v for k, v in sampling_kwargs(args).items() if v is not None})
         from .llm import load
 
-        llm = load(
-            args.model, device=args.device, dtype=args.dtype, compile=args.compile, quantization=args.quantize,
-            **engine_kwargs(args),
-        )  # fmt: skip
+        with sigint_for_the_main_thread(args.command == "chat"):
+            llm = load(
+                args.model, device=args.device, dtype=args.dtype, compile=args.compile, quantization=args.quantize,
+                **engine_kwargs(args),
+            )  # fmt: skip
+            if args.command == "chat":  # starts the compute threads now, while they inherit the blocked SIGINT
+                llm.generate([0, 1], max_new_tokens=2, temperature=0.0, ignore_eos=True)
         if args.command == "generate":
             run_generate(llm, args)
         elif args.command == "serve":

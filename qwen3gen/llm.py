@@ -13,7 +13,7 @@ import torch
 from .engine import Engine, RequestOutput
 from .engine.kv_pool import parse_size
 from .engine.request import Logprob
-from .errors import InvalidParameterError
+from .errors import EngineError, InvalidParameterError
 from .kernels.cpu import huge_page_weights
 from .loaders.checkpoint import Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve
 from .loaders.quantize import QUANTIZATIONS, quantize
@@ -99,6 +99,9 @@ class Run:
         try:
             while len(self.finished) < len(self.ids):
                 outputs = [o for o in self.engine.step() if o.request_id in self.tokens]
+                if not outputs and not self.engine.has_unfinished():  # another caller stepped it (a server's loop)
+                    lost = next(i for i in self.ids if i not in self.finished)
+                    raise EngineError(f"request {lost} left the engine unseen: something else is stepping this engine.")
                 for out in outputs:
                     self.tokens[out.request_id] += out.new_token_ids
                     self.text[out.request_id].append(out.text)

@@ -3,6 +3,7 @@ and finding models (local folder, alias, repo id) through huggingface_hub, its r
 
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -495,3 +496,14 @@ def test_real_download_offline_finds_the_cached_snapshot(offline_hub, tiny_check
     assert connects == []
     with pytest.raises(ModelNotFoundError, match="Qwen/Qwen3-0.6B-Base is not in the local Hugging Face cache"):
         resolve("base")  # a different repo is still not cached
+
+
+def test_loading_shows_progress_on_a_terminal_only(tiny_checkpoint, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr("sys.stderr", stream)
+        load_model(Checkpoint.open(tiny_checkpoint), torch.device("cpu"), torch.float32)
+        assert ("loading " + tiny_checkpoint.name in stream.getvalue()) == shown

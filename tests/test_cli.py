@@ -157,3 +157,19 @@ def test_generate_chat_applies_the_template(capsys, tiny_checkpoint, tiny_llm):
     assert code == 0 and out == expected + "\n"
     code, _, err = run(capsys, "generate", "Hi", "--system", "x", "--model", str(tiny_checkpoint))
     assert code == 1 and "--system goes with --chat" in err
+
+
+def test_every_flag_has_help_text():
+    import argparse
+
+    def missing(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += missing(sub, f"{path} {name}")
+            elif not action.help:
+                found.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+        return found
+
+    assert missing(cli.build_parser(), "qwen3gen") == []

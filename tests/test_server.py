@@ -46,9 +46,9 @@ def test_models_and_health(served, client):
     assert httpx.get(served[1].url + "/health").json() == {"status": "ok"}
 
 
-def test_completion_equals_the_python_api_streamed_or_not(served, client):
+def test_completion_equals_the_python_api_streamed_or_not(tiny_llm, served, client):
     llm = served[0]
-    expected = llm.generate(PROMPT, max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = tiny_llm.generate(PROMPT, max_new_tokens=12, temperature=0.0, ignore_eos=True)
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
     assert out.choices[0].text == expected.text and out.choices[0].finish_reason == "length"
     prompt_tokens = len(llm.tokenizer.encode(PROMPT))
@@ -62,10 +62,10 @@ def test_completion_equals_the_python_api_streamed_or_not(served, client):
     assert by_ids.choices[0].text == llm.tokenizer.decode(ids) + expected.text
 
 
-def test_chat_equals_the_python_api(served, client):
+def test_chat_equals_the_python_api(tiny_llm, served, client):
     llm = served[0]
     messages = [{"role": "user", "content": "What is 2+2?"}]
-    expected = llm.chat(messages, enable_thinking=False, max_new_tokens=10, temperature=0.0)
+    expected = tiny_llm.chat(messages, enable_thinking=False, max_new_tokens=10, temperature=0.0)
     out = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10, temperature=0,
                                          extra_body={"chat_template_kwargs": {"enable_thinking": False}})  # fmt: skip
     assert out.choices[0].message.content == expected.answer and out.choices[0].message.role == "assistant"
@@ -74,15 +74,15 @@ def test_chat_equals_the_python_api(served, client):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip() == expected.answer
 
 
-def test_n_seeds_stops_and_logprobs(served, client):
+def test_n_seeds_stops_and_logprobs(tiny_llm, served, client):
     llm = served[0]
     kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=1.0, seed=11, n=3, extra_body={"ignore_eos": True})
     first, again = client.completions.create(**kwargs), client.completions.create(**kwargs)
     texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
     assert texts == [c.text for c in sorted(again.choices, key=lambda c: c.index)] and len(set(texts)) == 3
-    assert texts == [g.text for g in llm.generate(PROMPT, max_new_tokens=10, temperature=1.0, seed=11, n=3, ignore_eos=True)]
+    assert texts == [g.text for g in tiny_llm.generate(PROMPT, max_new_tokens=10, temperature=1.0, seed=11, n=3, ignore_eos=True)]
     assert first.usage.prompt_tokens == len(llm.tokenizer.encode(PROMPT)) and first.usage.completion_tokens == 30
-    free = llm.generate(PROMPT, max_new_tokens=12, temperature=0.0, ignore_eos=True).text
+    free = tiny_llm.generate(PROMPT, max_new_tokens=12, temperature=0.0, ignore_eos=True).text
     stop = free[len(free) // 2 : len(free) // 2 + 3]
     stopped = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
     assert stopped.choices[0].text == free[: free.index(stop)] and stopped.choices[0].finish_reason == "stop"
@@ -116,10 +116,10 @@ def test_reasoning_is_returned_apart_in_both_fields(served, client, monkeypatch)
     assert thinking.strip() == "Two plus two is four." and "".join(d.content or "" for d in deltas).strip() == "It is 4."
 
 
-def test_thirty_two_concurrent_streams_equal_their_offline_outputs(served, client):
+def test_thirty_two_concurrent_streams_equal_their_offline_outputs(tiny_llm, served, client):
     llm = served[0]
     prompts = [f"Story number {i}:" for i in range(32)]
-    expected = [g.text for g in llm.generate(prompts, max_new_tokens=8, temperature=0.0, ignore_eos=True)]
+    expected = [g.text for g in tiny_llm.generate(prompts, max_new_tokens=8, temperature=0.0, ignore_eos=True)]
 
     def one(prompt: str) -> str:
         stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True, extra_body={"ignore_eos": True})
@@ -192,7 +192,7 @@ def test_api_key_and_queue_limit(tiny_checkpoint):
         server.stop()
 
 
-def test_tokenize_detokenize_and_several_prompts(served, client):
+def test_tokenize_detokenize_and_several_prompts(tiny_llm, served, client):
     llm, server = served
     ids = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}).json()
     assert ids["tokens"] == llm.tokenizer.encode(PROMPT) and ids["count"] == len(ids["tokens"]) and ids["max_model_len"] == 512
@@ -201,7 +201,7 @@ def test_tokenize_detokenize_and_several_prompts(served, client):
     assert chat == llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     out = client.completions.create(model=MODEL, prompt=[PROMPT, "Hi"], max_tokens=3, temperature=0, n=2, extra_body={"ignore_eos": True})
     texts = {c.index: c.text for c in out.choices}
-    expected = llm.generate([PROMPT, "Hi"], max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    expected = tiny_llm.generate([PROMPT, "Hi"], max_new_tokens=3, temperature=0.0, ignore_eos=True)
     assert [texts[i] for i in range(4)] == [expected[0].text] * 2 + [expected[1].text] * 2
 
 

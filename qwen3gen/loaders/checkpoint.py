@@ -9,17 +9,22 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from ..config import Qwen3Config
 from ..errors import CheckpointError, InvalidParameterError, ModelNotFoundError
 from ..model import Qwen3
+
+T = TypeVar("T")
 
 MODEL_ALIASES = {"base": "Qwen/Qwen3-0.6B-Base", "reasoning": "Qwen/Qwen3-0.6B"}
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
@@ -177,6 +182,12 @@ def check_tensors(model: Qwen3, checkpoint: Checkpoint) -> list[str]:
     return list(expected)
 
 
+def load_progress(items: Iterable[T], total: int, what: str) -> Iterable[T]:
+    """items, with a progress bar on stderr while they are loaded, when stderr is a terminal (never in logs or pipes)."""
+    return tqdm(items, total=total, desc=f"loading {what}", unit=" tensors", file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty())  # fmt: skip
+
+
 def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> Qwen3:
     """Build the model without initialising it, then copy each checkpoint tensor into place."""
     with torch.device("meta"):
@@ -185,7 +196,7 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype)
     model.to_empty(device=device)
     targets = {hf_name(n): t for n, t in model.checkpoint_tensors()}  # views into the new storage
     with torch.no_grad():
-        for name, tensor in checkpoint.tensors(names):
+        for name, tensor in load_progress(checkpoint.tensors(names), len(names), checkpoint.directory.name):
             targets[name].copy_(tensor)
     return model.eval()
 

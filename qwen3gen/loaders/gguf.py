@@ -32,6 +32,7 @@ from ..config import Qwen3Config
 from ..errors import CheckpointError, ModelNotFoundError
 from ..model import Qwen3
 from ..tokenizer import Tokenizer
+from .checkpoint import load_progress
 
 SUPPORTED_ARCHITECTURES = ("qwen3", "qwen2")
 # Pre-tokenizer names (tokenizer.ggml.pre) llama.cpp gives Qwen's split regex.
@@ -400,7 +401,8 @@ class GGUFCheckpoint:
             raise CheckpointError(f"{self.path.name} has a tensor {extra[0]} that this architecture does not use.")
         model.to_empty(device=device)  # new storage: the parameters are looked up again
         with torch.no_grad():
-            for name, target in model.checkpoint_tensors():
+            targets = list(model.checkpoint_tensors())
+            for name, target in load_progress(targets, len(targets), self.path.name):
                 dequantize_into(self.tensors[gguf_name(name)], target, gguf)
         return model.eval()
 
