@@ -338,6 +338,15 @@ def throughput_workload(
     return prompts, [rng.randint(*output_range) for _ in range(requests)]
 
 
+def warmup_workload(device: torch.device, concurrency: int, vocab: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    """(prompts, output lengths) run before a timed workload: on a GPU as many requests as run at once, finishing one
+    step apart, so that every decode batch size the timed run meets has its CUDA graph recorded (and compiled)
+    beforehand; elsewhere two short requests."""
+    count = concurrency if device.type == "cuda" else 2
+    prompts, _ = throughput_workload(count, (8, 8), (1, 1), vocab, seed)
+    return prompts, [2 + i for i in range(count)]
+
+
 def qwen3gen_throughput(engine: Engine, prompts: list[list[int]], lengths: list[int]) -> tuple[float, int]:
     """All requests added at once, then step() until none is left: (wall seconds, output tokens produced)."""
     synchronize(engine.device)
@@ -443,11 +452,7 @@ def run_throughput(
     model, checkpoint_dir = load_bench_model(model_name, preset_name, dev, dt)
     cfg = model.config
     prompts, lengths = throughput_workload(requests, prompt_range, output_range, cfg.vocab_size, seed)
-    # The warm-up: on a GPU as many requests as run at once, finishing one step apart, so that every decode batch
-    # size the timed run meets has its CUDA graph recorded (and compiled) beforehand; elsewhere two short requests.
-    warm = min(concurrency, requests) if dev.type == "cuda" else 2
-    warm_prompts, _ = throughput_workload(warm, (8, 8), (1, 1), cfg.vocab_size, seed + 1)
-    warmup = (warm_prompts, [2 + i for i in range(warm)])
+    warmup = warmup_workload(dev, min(concurrency, requests), cfg.vocab_size, seed + 1)
     prompt_tokens, wanted_tokens = sum(map(len, prompts)), sum(lengths)
 
     block_size = 16

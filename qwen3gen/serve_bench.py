@@ -21,6 +21,7 @@ import torch
 
 from .bench import (
     device_name, free_memory, load_bench_model, qwen3gen_throughput, throughput_defaults, throughput_workload,
+    warmup_workload,
 )
 from .engine import Engine
 from .engine.engine import default_limits
@@ -145,9 +146,10 @@ def run_serve_bench(
     with context.Pool(1) as clients:
         clients.apply(percentiles, ([1.0],))  # the child's imports done before anything is timed
         for name, concurrency, prompts, lengths in workloads:
+            warmup = warmup_workload(dev, min(concurrency, len(prompts)), cfg.vocab_size, seed + 1)
             free_memory(dev)
             offline = Engine(model, max_running=concurrency, compile=compile)
-            qwen3gen_throughput(offline, prompts[:2], [2, 3])  # warm-up
+            qwen3gen_throughput(offline, *warmup)
             offline.reset_prefix_cache()
             wall, produced = qwen3gen_throughput(offline, prompts, lengths)
             offline_rate = produced / wall
@@ -157,7 +159,7 @@ def run_serve_bench(
             server = ServerThread(create_app(llm, MODEL_NAME))
             try:
                 url = server.url + "/v1/completions"
-                clients.apply(drive, (url, prompts[:2], [2, 3], 2))  # warm-up: connections, graphs
+                clients.apply(drive, (url, *warmup, concurrency))  # connections, and the graphs of every batch size
                 llm.engine.reset_prefix_cache()
                 http_wall, results, tokens = clients.apply(drive, (url, prompts, lengths, concurrency))
             finally:
