@@ -6,6 +6,7 @@ its own thread (engine_loop.py). Every failure a client can cause is an OpenAI e
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import secrets
 import time
@@ -43,9 +44,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 REFUSALS = {  # the engine's refusals of a request, as the client's fault
@@ -221,7 +224,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
 
     def completion_logprobs(entries: list) -> dict:
         tokens = [token_text(t) for t, _, _ in entries]
-        offsets = [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+        offsets = list(itertools.accumulate(map(len, tokens), initial=0))[:-1]
         tops = [{token_text(a): v for a, v in top} for _, _, top in entries]
         chosen = [lp for _, lp, _ in entries]
         return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
@@ -238,7 +241,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                 async for event in events:
                     yield event
             except APIError as error:
-                yield sse({"error": {"message": error.message, "type": error.kind, "param": None, "code": error.code}})
+                yield sse(error.body())
 
         return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
