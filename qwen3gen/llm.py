@@ -301,9 +301,7 @@ class LLM:
         """Stream the assistant's reply as ("reasoning" | "answer", text) pieces. A conversation resent with one more
         turn finds its earlier turns in the prefix cache."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
-        text = self.tokenizer.decode(prompt)
-        opens_thinking = text.rfind(THINK_START) > text.rfind(THINK_END)  # the template may open the block itself
-        return ChatStream(self.stream(prompt, max_new_tokens, **kwargs), opens_thinking)
+        return ChatStream(self.stream(prompt, max_new_tokens, **kwargs), opens_thinking(self.tokenizer, prompt))
 
     def chat(self, messages: list[dict], enable_thinking: bool = True, max_new_tokens: int | None = None, **kwargs: object) -> ChatResult:
         """One assistant turn: the answer and, apart from it, the reasoning."""
@@ -311,6 +309,13 @@ class LLM:
         for _ in stream:
             pass
         return stream.result
+
+
+def opens_thinking(tokenizer: Tokenizer, prompt: list[int]) -> bool:
+    """Whether a chat prompt ends inside an open thinking block (some templates open it themselves), so that the reply
+    starts with reasoning."""
+    text = tokenizer.decode(prompt)
+    return text.rfind(THINK_START) > text.rfind(THINK_END)
 
 
 def sample_params(params: SamplingParams, index: int) -> SamplingParams:

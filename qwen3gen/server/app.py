@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..engine import RequestOutput
 from ..errors import ContextLengthError, EngineError, InvalidParameterError, OutOfMemoryError, QueueFullError
-from ..llm import LLM, THINK_END, THINK_START, ReasoningSplitter, sample_params
+from ..llm import LLM, ReasoningSplitter, opens_thinking, sample_params
 from ..sampling import SamplingParams
 from .engine_loop import EngineFailure, EngineLoop
 from .metrics import Metrics
@@ -332,10 +332,9 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **options)
         except Exception as error:  # the template raised (a role it does not know, a malformed turn)
             raise APIError(400, f"the chat template cannot render these messages: {error}", param="messages") from None
-        text = tokenizer.decode(prompt)
-        opens_thinking = text.rfind(THINK_START) > text.rfind(THINK_END)
         choices, queue = await submit([prompt], params, body.n)
-        splitters = {c.index: ReasoningSplitter(opens_thinking) for c in choices.values()}
+        thinking = opens_thinking(tokenizer, prompt)
+        splitters = {c.index: ReasoningSplitter(thinking) for c in choices.values()}
         completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": completion_id, "created": now, "model": model_name}
 
