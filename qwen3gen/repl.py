@@ -6,7 +6,8 @@ turn resends the conversation, whose earlier turns the engine finds in its prefi
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .errors import Qwen3GenError
 
@@ -29,8 +30,7 @@ class ChatSession:
                  read: Callable[[str], str] = input) -> None:  # fmt: skip
         self.llm, self.system, self.thinking, self.sampling, self.read = llm, system, thinking, sampling, read
         self.history: list[dict] = []
-        self.tty = sys.stdout.isatty()
-        self.dim, self.reset = (DIM, RESET) if self.tty else ("", "")
+        self.dim, self.reset = (DIM, RESET) if sys.stdout.isatty() else ("", "")
 
     def run(self) -> None:
         """Until /exit, Ctrl-D, or two Ctrl-C in a row at the prompt (raised as KeyboardInterrupt)."""
