@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -80,33 +80,66 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 class PagedBatch:
     """One step's requests in the pool, built once per step by the runner and read by every layer.
 
-    slots [tokens]: where each new token's key and value go. query_lens, seq_lens [requests]: new tokens, and tokens
-    of context once they are written (the new ones are the last query_lens of it). block_tables [requests, blocks].
-    decode: every request has exactly one new token (the case of the kernels' whole decode step).
+    slots [tokens]: where each new token's key and value go. seq_lens [requests]: tokens of context once they are
+    written (the new ones are the last of it); query_starts [requests + 1]: request r's new tokens are the step's
+    tokens query_starts[r] to query_starts[r + 1]. block_tables [requests, blocks]. decode: every request has exactly
+    one new token (the case of the kernels' whole decode step). tiles: the kernels' work list of a step they attend
+    as one launch (kernels/gpu.py, paged_attention); host_lens: the new tokens and context lengths of each request on
+    the host, the shapes of the reference's layout (either may be None where the step does not run that path).
     """
 
     backend: AttentionBackend
     caches: list[tuple[torch.Tensor, torch.Tensor]]  # each layer's (keys, values) [num_blocks, kv_heads, block_size, dim]
     slots: torch.Tensor
-    query_lens: torch.Tensor
     seq_lens: torch.Tensor
+    query_starts: torch.Tensor
     block_tables: torch.Tensor
-    host_lens: tuple[list[int], list[int]]  # query_lens and seq_lens on the host: the shapes of the reference's layout
+    decode: bool  # a field, not a property: compiled steps read it as a constant
     dtype: torch.dtype  # the activations'
+    tiles: torch.Tensor | None = None
+    host_lens: tuple[list[int], list[int]] | None = None
 
-    decode: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.decode = max(self.host_lens[0]) == 1  # a field, not a property: compiled steps read it as a constant
+    @classmethod
+    def of(
+        cls, backend: AttentionBackend, caches: list, slots: torch.Tensor, query_lens: list[int], seq_lens: list[int],
+        block_tables: torch.Tensor, dtype: torch.dtype, tile_queries: int = 0,
+    ) -> "PagedBatch":  # fmt: skip
+        """The batch of requests of query_lens new tokens and seq_lens slots of context (on the host), with the
+        kernels' work list of `tile_queries` tokens a program where it is a step they attend as one launch; the
+        lengths and the work list go to the device in one piece."""
+        starts = list(itertools.accumulate(query_lens, initial=0))
+        decode = max(query_lens) == 1
+        tiles = ([], []) if decode or not tile_queries else backend.kernels.query_tiles(query_lens, tile_queries)
+        lens = to_device(seq_lens + starts + tiles[0] + tiles[1], slots.device, torch.int32)
+        r = len(seq_lens)
+        return cls(
+            backend, caches, slots, lens[:r], lens[r : 2 * r + 1], block_tables, decode, dtype,
+            tiles=lens[2 * r + 1 :].view(2, -1) if tiles[0] else None, host_lens=(query_lens, seq_lens),
+        )  # fmt: skip
 
     @property
     def kernels(self) -> ModuleType | None:
-        """The decode kernels to use in this step, or None (the reference lines)."""
-        return self.backend.kernels if self.decode else None
+        """The kernels that run this step (new_token and attention, and the products at up to MATVEC_ROWS rows), or
+        None (the reference lines): the backend's in a decode step, and in every step if they attend prefill chunks
+        too (PAGED_PREFILL)."""
+        kernels = self.backend.kernels
+        return kernels if kernels is not None and (self.decode or kernels.PAGED_PREFILL) else None
 
     @property
     def block_size(self) -> int:
         return self.caches[0][0].shape[2]
+
+    def attend_written(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """The kernels' attention of q [tokens, heads, 1, dim] over each request's context, the new tokens' keys and
+        values already in the pool (kernels.new_token wrote them): [tokens, heads, 1, dim]."""
+        k_cache, v_cache = self.caches[layer]
+        if self.decode:
+            return self.kernels.decode_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens)
+        flat = q.view(q.shape[0], q.shape[1], q.shape[3])
+        out = self.kernels.paged_attention(
+            flat, k_cache, v_cache, self.block_tables, self.query_starts, self.seq_lens, self.tiles
+        )  # fmt: skip
+        return out.view(q.shape)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new tokens' keys and values k, v [tokens, kv_heads, dim] at their slots."""

@@ -15,9 +15,10 @@ and gate/up are each held as one matrix (one larger kernel reads it, where three
 
 The model holds no cache. Called plainly it runs a causal pass over [batch, tokens]; called by the engine it gets one
 step's PagedBatch (attention.py), whose pool holds the keys and values and whose backend says how attention runs. A
-decode step whose backend has kernels runs the same math through them (Block.decode_one_token, Attention.attend):
-q/k norm, rotation and cache write as one kernel, attention as another, and for up to kernels.MATVEC_ROWS requests
-the four products with the norms, SwiGLU and residual adds inside.
+step whose backend has kernels for it (a decode step; on CUDA, any step) runs the same math through them
+(Attention.attend, Block.decode_one_token): q/k norm, rotation and cache write as one kernel, attention as another,
+and for up to kernels.MATVEC_ROWS requests of a decode step the four products with the norms, SwiGLU and residual
+adds inside.
 """
 
 from __future__ import annotations
@@ -92,10 +93,9 @@ class Attention(nn.Module):
         head_dim]. Without a PagedBatch, causal over the tokens; with one, over each request's context in the pool."""
         rows, tokens, _ = qkv.shape
         kernels = None if batch is None else batch.kernels
-        if kernels is not None:  # a decode step: one new token per request, the requests along the token axis
-            k_cache, v_cache = batch.caches[self.layer_index]
+        if kernels is not None:  # the step's tokens side by side, each the row of one kernel program
             q = self.new_token(kernels, qkv.view(tokens, 1, -1), [r.view(tokens, 1, 1, -1) for r in rope], batch)
-            return kernels.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens).view(1, tokens, -1)
+            return batch.attend_written(self.layer_index, q).view(1, tokens, -1)
         heads = qkv.view(rows, tokens, -1, self.head_dim)  # query, key, value heads
         qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
         # Query and key heads are normed and rotated as one tensor: compiled, one kernel where there would be four.
@@ -107,8 +107,8 @@ class Attention(nn.Module):
         return out.reshape(rows, tokens, -1)
 
     def new_token(self, kernels: ModuleType, qkv: torch.Tensor, rope: list[torch.Tensor], batch: PagedBatch) -> torch.Tensor:
-        """The lines from qk_norm to the cache write above, for one new token per request, as one kernel: returns the
-        query heads [requests, heads, 1, head_dim]; the pool holds the new keys and values."""
+        """The lines from qk_norm to the cache write above as one kernel, a program per token (and key/value head):
+        returns the query heads [tokens, heads, 1, head_dim]; the pool holds the new keys and values."""
         qk_norm = not isinstance(self.q_norm, nn.Identity)
         q_weight, k_weight = (self.q_norm.weight, self.k_norm.weight) if qk_norm else (qkv, qkv)  # unused without norms
         eps = self.q_norm.eps if qk_norm else 0.0

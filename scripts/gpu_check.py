@@ -7,6 +7,7 @@ this script on a 2-layer shape (the CPU test suite covers the same functions on 
 
 from __future__ import annotations
 
+import copy
 import sys
 import tempfile
 import time
@@ -109,6 +110,13 @@ def main(tokenizer_dir: Path, device: str = "cuda") -> int:
     fast.overlap = True
     check("overlapped steps (decode tokens fed from the device) == synchronous steps, greedy and seeded sampling",
           overlapped == synchronous, f"requests differing: {sum(a != b for a, b in zip(overlapped, synchronous))}")  # fmt: skip
+    long = torch.randint(0, 151643, (1024,)).tolist()  # one recorded prefill step of 1,024 tokens
+    first = greedy(fast, [long], 1)[0][0]
+    with torch.inference_mode():  # a float32 copy: the engine's recorded graphs hold the bf16 weights' addresses
+        exact = copy.deepcopy(model).float()(torch.tensor([long], device=dev))[0, -1]
+    gap = (exact.max() - exact[first]).item()
+    check("1,024-token prompt: the bf16 engine's first token is float32's, or within 0.1 of its logit (a near-tie)",
+          gap < 0.1, f"float32 top {exact.argmax().item()} vs ours {first}, logit gap {gap:.4f}")  # fmt: skip
     batch = [torch.randint(0, 151643, (32,)).tolist() for _ in range(64)]
     runs = [greedy(fast, batch, 80) for _ in range(3)]
     differing = [sum(a != b for a, b in zip(runs[0], r)) for r in runs[1:]]

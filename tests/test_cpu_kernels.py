@@ -207,10 +207,9 @@ def random_weights(variant: str) -> qwen3gen.Qwen3:
 def one_request(kernels, caches, positions: list[int], table: list[int] = TABLE) -> PagedBatch:  # noqa: ANN001
     """The PagedBatch of one request (blocks table) whose new tokens sit at positions (its last ones)."""
     slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in positions])
-    return PagedBatch(
-        AttentionBackend(kernels), caches, slots, torch.tensor([len(positions)], dtype=torch.int32),
-        torch.tensor([positions[-1] + 1], dtype=torch.int32), torch.tensor([table], dtype=torch.int32),
-        host_lens=([len(positions)], [positions[-1] + 1]), dtype=torch.float32,
+    return PagedBatch.of(
+        AttentionBackend(kernels), caches, slots, [len(positions)], [positions[-1] + 1],
+        torch.tensor([table], dtype=torch.int32), torch.float32,
     )  # fmt: skip
 
 
@@ -219,10 +218,9 @@ def decode_requests(kernels, caches, positions: list[int]) -> PagedBatch:  # noq
     tables = TABLES[: len(positions)]
     slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for table, p in zip(tables, positions)])
     seq_lens = [p + 1 for p in positions]
-    return PagedBatch(
-        AttentionBackend(kernels), caches, slots, torch.ones(len(positions), dtype=torch.int32),
-        torch.tensor(seq_lens, dtype=torch.int32), torch.tensor(tables, dtype=torch.int32),
-        host_lens=([1] * len(positions), seq_lens), dtype=torch.float32,
+    return PagedBatch.of(
+        AttentionBackend(kernels), caches, slots, [1] * len(positions), seq_lens, torch.tensor(tables, dtype=torch.int32),
+        torch.float32,
     )  # fmt: skip
 
 

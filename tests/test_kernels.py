@@ -1,6 +1,8 @@
 """The CUDA decode kernels (kernels/gpu.py), run on CPU tensors through Triton's interpreter (conftest sets
 TRITON_INTERPRET=1), against the model's own PyTorch lines over a paged pool."""
 
+import itertools
+
 import pytest
 import torch
 from decode_steps import BLOCK_SIZE, assert_same_step, attention_config, attention_step, paged_pool
@@ -32,6 +34,19 @@ def test_decode_attention_over_contexts_of_any_length(block_size, dtype):
     own slots. Block size 12: the kernel's 64-slot tiles gather from blocks of any size."""
     cfg = attention_config("qwen3-group5")
     lengths = [600, 1, 2 * block_size, 45, 0]
+    k_cache, v_cache, tables, contexts = scattered_pool(cfg, lengths, block_size, dtype)
+    q = torch.randn(len(lengths), cfg.num_attention_heads, 1, cfg.head_dim, dtype=dtype)
+    out = gpu.decode_attention(q, k_cache, v_cache, tables, torch.tensor(lengths, dtype=torch.int32))
+    assert torch.isfinite(out).all() and torch.equal(out[-1], torch.zeros_like(out[-1]))
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.02)
+    for row, (keys, values) in enumerate(contexts[:-1]):
+        expected = torch.nn.functional.scaled_dot_product_attention(q[row : row + 1].double(), keys, values, enable_gqa=True)
+        torch.testing.assert_close(out[row : row + 1].double(), expected, **tolerance)
+
+
+def scattered_pool(cfg, lengths: list[int], block_size: int, dtype: torch.dtype) -> tuple:
+    """(keys, values, block tables, contexts): requests of `lengths` slots, their blocks shuffled over a pool whose
+    every slot outside them is NaN; contexts: each request's keys and values [1, kv_heads, n, dim] in float64."""
     torch.manual_seed(2)
     held = [-(-n // block_size) for n in lengths]
     order = (torch.randperm(sum(held)) + 1).tolist()  # block 0 unused, as the engine's scratch block
@@ -46,14 +61,33 @@ def test_decode_attention_over_contexts_of_any_length(block_size, dtype):
         at = tables[row].long()[j // block_size], slice(None), j % block_size
         k_cache[at] = torch.randn(n, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype)
         v_cache[at] = torch.randn(n, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype)
-        contexts.append([cache[at].transpose(0, 1)[None].double() for cache in (k_cache, v_cache)])  # [1, kv_heads, n, dim]
-    q = torch.randn(len(lengths), cfg.num_attention_heads, 1, cfg.head_dim, dtype=dtype)
-    out = gpu.decode_attention(q, k_cache, v_cache, tables, torch.tensor(lengths, dtype=torch.int32))
-    assert torch.isfinite(out).all() and torch.equal(out[-1], torch.zeros_like(out[-1]))
+        contexts.append([cache[at].transpose(0, 1)[None].double() for cache in (k_cache, v_cache)])
+    return k_cache, v_cache, tables, contexts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "block_size"), [("qwen3", BLOCK_SIZE), ("qwen3-group5", 12)])
+def test_paged_attention_over_a_mixed_step(shape, block_size, dtype):
+    """paged_attention takes a whole prompt, a chunk after 470 slots of context (three query tiles, the last part
+    full), decodes and a 3-token chunk in one launch, and spare tile entries of -1 (a recorded step's padding): each
+    request's tokens attend causally over exactly their own slots of a NaN-poisoned pool, as SDPA does."""
+    cfg = attention_config(shape)
+    seq_lens, query_lens = [75, 600, 17, 1, 45], [75, 130, 1, 1, 3]
+    k_cache, v_cache, tables, contexts = scattered_pool(cfg, seq_lens, block_size, dtype)
+    q = torch.randn(sum(query_lens), cfg.num_attention_heads, cfg.head_dim, dtype=dtype)
+    starts = [0, *itertools.accumulate(query_lens)]
+    requests, firsts = gpu.query_tiles(query_lens, gpu.tile_queries(cfg.num_attention_heads, cfg.num_key_value_heads))
+    tiles = torch.tensor([requests + [-1] * 3, firsts + [0] * 3], dtype=torch.int32)
+    out = gpu.paged_attention(q, k_cache, v_cache, tables, torch.tensor(starts, dtype=torch.int32),
+                              torch.tensor(seq_lens, dtype=torch.int32), tiles)  # fmt: skip
+    assert torch.isfinite(out).all()
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.02)
-    for row, (keys, values) in enumerate(contexts[:-1]):
-        expected = torch.nn.functional.scaled_dot_product_attention(q[row : row + 1].double(), keys, values, enable_gqa=True)
-        torch.testing.assert_close(out[row : row + 1].double(), expected, **tolerance)
+    for r, (keys, values) in enumerate(contexts):
+        queries = q[starts[r] : starts[r + 1]].transpose(0, 1)[None].double()  # [1, heads, n, dim]
+        position = torch.arange(seq_lens[r] - query_lens[r], seq_lens[r])
+        mask = torch.arange(seq_lens[r])[None, :] <= position[:, None]
+        expected = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(out[starts[r] : starts[r + 1]].double(), expected[0].transpose(0, 1), **tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -121,13 +155,52 @@ def test_block_decodes_one_token_with_the_kernels(quantized):
     outs, pools = [], []
     for kernels in (None, gpu):  # the reference: the PyTorch lines
         pool = (k_cache.clone(), v_cache.clone())
-        batch = PagedBatch(
-            AttentionBackend(kernels), [pool], slots, torch.ones_like(seq_lens), seq_lens, tables,
-            host_lens=([1], [20]), dtype=torch.float32,
-        )  # fmt: skip
+        batch = PagedBatch.of(AttentionBackend(kernels), [pool], slots, [1], [20], tables, torch.float32)
         with torch.no_grad():
             outs.append(block(x, rope, batch))
         pools.append(pool)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
     for ours, theirs in zip(pools[1], pools[0]):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_the_cuda_engine_path_on_cpu(tiny_llm, monkeypatch):
+    """The engine's CUDA path on CPU tensors (Triton's interpreter; runner.RecordedStep runs each recorded step again
+    in place of a graph replay), overlapped steps included: prompts chunked under a 40-token budget beside decodes,
+    all through paged_attention in steps padded to PREFILL_SIZES, decodes in the decode graphs, a prompt whose first
+    blocks are cached, a request scoring its prompt (steps run as they come, the same kernels): every request's greedy
+    tokens equal the reference engine's, the prompt's log-probabilities too, and the pool ends as it began."""
+    monkeypatch.setattr(gpu, "available", lambda device: True)
+    engine = qwen3gen.Engine(
+        tiny_llm.model, tiny_llm.tokenizer, kv_memory="16MiB", max_running=4, max_batched_tokens=40, overlap=True
+    )  # fmt: skip
+    assert engine.backend.kernels is gpu and engine.runner.prefill_sizes == [16, 32, 40]
+    monkeypatch.setattr(engine.runner, "use_graphs", True)
+    system = "You are a careful assistant who answers in one short sentence, and thinks before answering. " * 2
+    texts = [system + "What is 2+2?", "Hi", "Name a colour.", system + "Name a prime number.", "Why is the sky blue?"]
+    prompts = [tiny_llm.tokenizer.encode(t) for t in texts]
+    lengths = [12, 9, 15, 10, 8]
+    expected = [
+        o.token_ids[:n] for o, n in zip(tiny_llm.generate(prompts, max_new_tokens=15, temperature=0.0, ignore_eos=True), lengths)
+    ]  # fmt: skip
+    free = engine.blocks.num_free
+    params = [qwen3gen.SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
+    params[2] = qwen3gen.SamplingParams(max_new_tokens=lengths[2], ignore_eos=True, prompt_logprobs=1)  # steps not recorded
+    scored = tiny_llm.generate(prompts[2], params=qwen3gen.SamplingParams(max_new_tokens=1, prompt_logprobs=1)).prompt_logprobs
+    ids = [engine.add_request(p, s) for p, s in zip(prompts[:3], params)]
+    tokens: dict[str, list[int]] = {}
+    for step in range(200):
+        if step == 3:
+            ids += [engine.add_request(p, s) for p, s in zip(prompts[3:], params[3:])]
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.prompt_logprobs is not None:
+                prompt_scores = out.prompt_logprobs
+        if step > 3 and not engine.has_unfinished():
+            break
+    assert [tokens[i] for i in ids] == expected
+    for ours, theirs in zip(prompt_scores[1:], scored[1:], strict=True):
+        assert ours[0] == theirs[0] and abs(ours[1] - theirs[1]) < 1e-4
+    assert engine.stats()["prefix_cache_hit_tokens"] > 0
+    assert {16, 40} <= set(engine.runner.prefill_graphs) and engine.runner.graphs  # padded steps, and full ones
+    assert engine.blocks.num_free == free

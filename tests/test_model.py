@@ -8,7 +8,6 @@ import qwen3gen
 from qwen3gen import Engine
 from qwen3gen.attention import sdpa
 from qwen3gen.loaders.checkpoint import Checkpoint, load_model
-from qwen3gen.engine import runner
 from qwen3gen.sampling import SamplingParams
 
 PROMPT = "Explain large language models."
@@ -65,26 +64,11 @@ def test_sdpa_masked_folds_query_groups(queries):
     torch.testing.assert_close(sdpa(q, k, v, None), expected)
 
 
-class ReplayOnCPU(runner.DecodeGraph):
-    """DecodeGraph off the GPU: the same buffers and padding, the step run again at each replay instead of a graph."""
-
-    recorded = 0
-
-    def record(self) -> torch.Tensor:
-        ReplayOnCPU.recorded += 1
-        return self.step()
-
-    def launch(self) -> None:
-        self.logits = self.step()
-
-
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 def test_decode_graph_bookkeeping_on_cpu(tiny_llm, monkeypatch, compile):
     """The CUDA-graph path's buffers on CPU: decode steps padded to the graph sizes give the eager engine's tokens, one
-    recording per size; the padding rows write only to the scratch block. Compiled, as on CUDA: one whole graph per
-    size (fullgraph), the kernels inside it."""
-    monkeypatch.setattr(runner, "DecodeGraph", ReplayOnCPU)
-    ReplayOnCPU.recorded = 0
+    recording per size (off CUDA, runner.RecordedStep runs the step again at each replay); the padding rows write only
+    to the scratch block. Compiled, as on CUDA: one whole graph per size (fullgraph), the kernels inside it."""
     engine = Engine(tiny_llm.model, tiny_llm.tokenizer, kv_memory="16MiB", max_running=6, compile=compile)
     assert engine.runner.graph_sizes == [1, 2, 4, 6]
     monkeypatch.setattr(engine.runner, "use_graphs", True)
@@ -96,7 +80,7 @@ def test_decode_graph_bookkeeping_on_cpu(tiny_llm, monkeypatch, compile):
         for out in engine.step():
             tokens[out.request_id] += out.new_token_ids
     assert [tokens[i] for i in ids] == [expected[0], expected[1][:12], expected[2]]
-    assert sorted(engine.runner.graphs) == [2, 4] and ReplayOnCPU.recorded == 2  # 3 rows, then 2
+    assert sorted(engine.runner.graphs) == [2, 4]  # 3 rows, then 2
     assert engine.pool.caches[0][0][0].abs().sum() > 0  # the scratch block took the padding rows' writes
 
 

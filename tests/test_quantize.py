@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import qwen3gen
-from qwen3gen.loaders.quantize import Int8Linear, quantize, quantize_per_channel
+from qwen3gen.loaders.quantize import Int8Linear, quantize_per_channel
 
 
 def test_per_channel_round_trip():

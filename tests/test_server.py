@@ -63,7 +63,6 @@ def test_completion_equals_the_python_api_streamed_or_not(tiny_llm, served, clie
 
 
 def test_chat_equals_the_python_api(tiny_llm, served, client):
-    llm = served[0]
     messages = [{"role": "user", "content": "What is 2+2?"}]
     expected = tiny_llm.chat(messages, enable_thinking=False, max_new_tokens=10, temperature=0.0)
     out = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10, temperature=0,

@@ -26,7 +26,7 @@ from ..sampling import SamplingParams, signed64, top_logprobs
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .kv_pool import KVPool
-from .request import Logprob, Request, RequestOutput, Status, TextState
+from .request import Logprob, Request, RequestOutput, TextState
 from .runner import ModelRunner, PendingTokens, StepLogits
 from .sampler import Sampled, Sampler
 from .scheduler import ScheduledStep, Scheduler
@@ -90,7 +90,7 @@ class Engine:
         self.pool = KVPool.sized(self.config, kv_memory, block_size, weight.dtype, self.device)
         self.blocks = BlockManager(self.pool.num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, self.max_running, self.max_batched_tokens)
-        self.runner = ModelRunner(model, self.pool, self.backend, self.max_running, compile)
+        self.runner = ModelRunner(model, self.pool, self.backend, self.max_running, self.max_batched_tokens, compile)
         self.sampler = Sampler(self.config.vocab_size, self.device)
         self.requests: dict[str, Request] = {}
         self._lock = threading.RLock()

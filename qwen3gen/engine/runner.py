@@ -1,16 +1,19 @@
 """Runs one scheduled step through the model: the step's tokens side by side, their pool slots, the attention layout,
 and the logits of the rows that are sampled (or scored, for prompt log-probabilities).
 
-On CUDA with the decode kernels, a decode-only step is a replay of a CUDA graph recorded for the next padded batch
-size (GRAPH_SIZES): a replay launches every kernel of the step at once, where launching them one by one from Python
-would take longer than running them at small batches. Padding rows decode a dummy token into the scratch block 0.
-With compile, the recorded steps are torch.compile'd first: batch size 1 for its own shapes, then one compilation
-for every larger size (torch.compile's automatic dynamic shapes), so that recording the graph of a new size costs a
-replay of the compiled code, not a compilation.
+On CUDA with the kernels, a step is the replay of a CUDA graph recorded over fixed input buffers: a replay launches
+every kernel of the step at once, where launching them one by one from Python takes longer than running them at
+small batches (and about as long as the prefill of a short prompt). A decode-only step replays the graph of the next
+padded batch size (GRAPH_SIZES), its padding rows decoding a dummy token into the scratch block 0; a step with prefill
+chunks replays the graph of the next padded token count (PREFILL_SIZES), its padding tokens written to the scratch
+block and attended by no one. With compile, the decode graphs record torch.compile'd steps: batch size 1 for its own
+shapes, then one compilation for every larger size (torch.compile's automatic dynamic shapes), so that recording the
+graph of a new size costs a replay of the compiled code, not a compilation.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +25,8 @@ from .kv_pool import KVPool
 from .request import Request
 
 GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# Token counts of the recorded steps with prefill chunks: a step pads to the next one, so the steps apart grow by half.
+PREFILL_SIZES = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 
 
 @dataclass
@@ -47,24 +52,33 @@ class PendingTokens:
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen3, pool: KVPool, backend: AttentionBackend, max_rows: int, compile: bool = False) -> None:
+    def __init__(
+        self, model: Qwen3, pool: KVPool, backend: AttentionBackend, max_rows: int, max_tokens: int,
+        compile: bool = False,
+    ) -> None:  # fmt: skip
         self.model, self.pool, self.backend = model, pool, backend
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
+        self.max_rows = max_rows
         self.max_blocks = -(-model.config.max_position_embeddings // pool.block_size)
         self.use_graphs = self.device.type == "cuda" and backend.kernels is not None
         self.graph_sizes = [s for s in GRAPH_SIZES if s < max_rows] + [max_rows]
+        self.prefill_sizes = [s for s in PREFILL_SIZES if s < max_tokens] + [max_tokens]
         self.graphs: dict[int, DecodeGraph] = {}
+        self.prefill_graphs: dict[int, PrefillGraph] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # the prefill graphs share it
         # What the decode graphs record; torch.compile compiles at the first call, and again for new shapes as needed.
         self.decode_model: Callable[..., torch.Tensor] = model
         if compile:
             self.decode_model = torch.compile(model, fullgraph=True, options=compile_options(self.device))
+        cfg = model.config
+        self.tile_queries = 0  # tokens per paged_attention program, where the kernels attend prefill chunks
+        if backend.kernels is not None and backend.kernels.PAGED_PREFILL:
+            self.tile_queries = backend.kernels.tile_queries(cfg.num_attention_heads, cfg.num_key_value_heads)
 
     def batch(self, slots: torch.Tensor, query_lens: list[int], seq_lens: list[int], tables: torch.Tensor) -> PagedBatch:
-        lens = to_device([query_lens, seq_lens], self.device, torch.int32)
-        return PagedBatch(
-            self.backend, self.pool.caches, slots, lens[0], lens[1], tables,
-            host_lens=(query_lens, seq_lens), dtype=self.dtype,
+        return PagedBatch.of(
+            self.backend, self.pool.caches, slots, query_lens, seq_lens, tables, self.dtype, self.tile_queries
         )  # fmt: skip
 
     @torch.inference_mode()
@@ -93,21 +107,27 @@ class ModelRunner:
         if fill_at:
             at, source = to_device([fill_at, fill_from], self.device, torch.long)
             fill = lambda ids: ids.index_copy_(0, at, pending.tokens[source])  # noqa: E731
-        seq_lens = [s + n for s, n in zip(starts, num_tokens)]
         if self.use_graphs and max(num_tokens) == 1:  # at most max_running requests: the largest graph size
             logits = self.decode_graph(requests, tokens, starts, fill)
-        else:
-            width = max(-(-n // self.pool.block_size) for n in seq_lens)
-            tables = block_tables(requests, len(requests), width)
-            which = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(num_tokens))
-            positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, num_tokens)])
-            slots = tables[which, positions // self.pool.block_size].long() * self.pool.block_size + positions % self.pool.block_size
-            to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
-            batch = self.batch(to(slots), num_tokens, seq_lens, to(tables))
-            ids = to_device(tokens, self.device, torch.long)
-            if fill is not None:
-                fill(ids)
-            logits = self.model(ids, to(positions), batch, to_device(rows, self.device, torch.long))
+            return StepLogits(logits, sample_rows, prompt_rows)
+        seq_lens = [s + n for s, n in zip(starts, num_tokens)]
+        width = max(-(-n // self.pool.block_size) for n in seq_lens)
+        tables = block_tables(requests, len(requests), width)
+        which = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(num_tokens))
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, num_tokens)])
+        slots = tables[which, positions // self.pool.block_size].long() * self.pool.block_size + positions % self.pool.block_size
+        if self.use_graphs and self.tile_queries and not prompt_rows:  # (prompt scoring needs logits of any count)
+            size = next(s for s in self.prefill_sizes if s >= len(tokens))
+            if size not in self.prefill_graphs:
+                self.prefill_graphs[size] = PrefillGraph(self, size)
+            logits = self.prefill_graphs[size].replay(tokens, positions, slots, num_tokens, seq_lens, tables, rows, fill)
+            return StepLogits(logits, sample_rows, prompt_rows)
+        to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        batch = self.batch(to(slots), num_tokens, seq_lens, to(tables))
+        ids = to_device(tokens, self.device, torch.long)
+        if fill is not None:
+            fill(ids)
+        logits = self.model(ids, to(positions), batch, to_device(rows, self.device, torch.long))
         return StepLogits(logits, sample_rows, prompt_rows)
 
     def decode_graph(self, requests: list[Request], tokens: list[int], starts: list[int], fill: Callable | None) -> torch.Tensor:
@@ -137,9 +157,33 @@ def compile_options(device: torch.device) -> dict[str, bool]:
     return options
 
 
+class RecordedStep:
+    """A step over fixed input buffers, recorded once as a CUDA graph on CUDA, which each call replays; on another
+    device (the tests' CPU runs of the graph paths) each call runs the step as it is."""
+
+    def __init__(self, step: Callable[[], torch.Tensor], device: torch.device, pool: tuple | None = None) -> None:
+        self.step, self.graph = step, None
+        if device.type != "cuda":
+            return
+        stream = torch.cuda.Stream(device)  # warm-up (and compilation) outside the recording, as CUDA graphs need
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = step()
+
+    def __call__(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.step()
+        self.graph.replay()
+        return self.output
+
+
 class DecodeGraph:
-    """One decode step of `size` rows recorded as a CUDA graph over fixed input buffers (rows past the real ones
-    decode token 0 into slot 0 of the scratch block, with a context of one slot)."""
+    """One decode step of `size` rows recorded over fixed input buffers (rows past the real ones decode token 0 into
+    slot 0 of the scratch block, with a context of one slot)."""
 
     def __init__(self, runner: ModelRunner, size: int) -> None:
         device, self.block_size = runner.device, runner.pool.block_size
@@ -152,7 +196,7 @@ class DecodeGraph:
         self.tables = torch.zeros(size, runner.max_blocks, dtype=torch.int32, device=device)
         self.batch = runner.batch(self.slots, [1] * size, [1] * size, self.tables)
         self.forward = runner.decode_model
-        self.logits = self.record()
+        self.recorded = RecordedStep(self.step, device)
 
     def step(self) -> torch.Tensor:
         """The recorded step: each row's context length and pool slot from its position and block table, then the
@@ -161,21 +205,6 @@ class DecodeGraph:
         blocks = self.tables.gather(1, (self.positions // self.block_size)[:, None])[:, 0].long()
         self.slots.copy_(blocks * self.block_size + self.positions % self.block_size)
         return self.forward(self.ids, self.positions, self.batch)
-
-    def record(self) -> torch.Tensor:
-        """Run the step once outside the recording (warm-up, compilation), then record it; returns its output buffer."""
-        device = self.ids.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            self.step()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            return self.step()
-
-    def launch(self) -> None:
-        self.graph.replay()
 
     def replay(self, requests: list[Request], tokens: list[int], starts: list[int], fill: Callable | None) -> torch.Tensor:
         n = len(requests)
@@ -189,5 +218,61 @@ class DecodeGraph:
         if fill is not None:
             fill(self.ids)
         self.tables[:, :width].copy_(tables, non_blocking=True)
-        self.launch()
-        return self.logits
+        return self.recorded()
+
+
+class PrefillGraph:
+    """A step of up to `size` tokens (prefill chunks, and decodes beside them) over up to max_rows requests, recorded
+    over fixed input buffers: tokens past the real ones are token 0 at position 0, written to slot 0 of the scratch
+    block; requests past the real ones have no tokens and no context, and the work list's spare entries are -1."""
+
+    def __init__(self, runner: ModelRunner, size: int) -> None:
+        device, rows = runner.device, runner.max_rows
+        self.queries, self.query_tiles = runner.tile_queries, runner.backend.kernels.query_tiles
+        self.sizes = {  # the parts of the one input buffer (int64), copied from the host in one piece a step
+            "ids": size, "positions": size, "slots": size, "seq_lens": rows, "starts": rows + 1,
+            "tiles": 2 * (-(-size // self.queries) + rows), "rows": min(rows, size),
+        }  # fmt: skip
+        self.inputs = torch.zeros(sum(self.sizes.values()), dtype=torch.long, device=device)
+        self.host = torch.zeros(2, len(self.inputs), dtype=torch.long, pin_memory=device.type == "cuda")
+        self.turn = 0
+        self.parts = dict(zip(self.sizes, self.inputs.split(list(self.sizes.values()))))
+        self.tables = torch.zeros(rows, runner.max_blocks, dtype=torch.int32, device=device)
+        parts = self.parts
+        self.batch = PagedBatch(
+            runner.backend, runner.pool.caches, parts["slots"], parts["seq_lens"], parts["starts"], self.tables,
+            decode=False, dtype=runner.dtype, tiles=parts["tiles"].view(2, -1),
+        )  # fmt: skip
+        self.model = runner.model
+        self.recorded = RecordedStep(self.step, device, runner.graph_pool)
+
+    def step(self) -> torch.Tensor:
+        return self.model(self.parts["ids"], self.parts["positions"], self.batch, self.parts["rows"])
+
+    def replay(
+        self, tokens: list[int], positions: torch.Tensor, slots: torch.Tensor, query_lens: list[int],
+        seq_lens: list[int], tables: torch.Tensor, rows: list[int], fill: Callable | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The step's logits at `rows`: [len(rows), vocab]."""
+        host = self.host[self.turn]
+        self.turn ^= 1
+        host.zero_()
+        parts = dict(zip(self.sizes, host.split(list(self.sizes.values()))))
+        n, r = len(tokens), len(query_lens)
+        parts["ids"][:n] = torch.tensor(tokens)
+        parts["positions"][:n] = positions
+        parts["slots"][:n] = slots
+        parts["seq_lens"][:r] = torch.tensor(seq_lens)
+        parts["starts"][: r + 1] = torch.tensor(list(itertools.accumulate(query_lens, initial=0)))
+        parts["starts"][r + 1 :] = n
+        requests, firsts = self.query_tiles(query_lens, self.queries)
+        work = parts["tiles"].view(2, -1)
+        work[0, : len(requests)] = torch.tensor(requests)
+        work[0, len(requests) :] = -1
+        work[1, : len(firsts)] = torch.tensor(firsts)
+        parts["rows"][: len(rows)] = torch.tensor(rows)
+        self.inputs.copy_(host, non_blocking=True)
+        if fill is not None:
+            fill(self.parts["ids"])
+        self.tables[:r, : tables.shape[1]].copy_(tables, non_blocking=True)
+        return self.recorded()[: len(rows)]

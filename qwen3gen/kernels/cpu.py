@@ -37,6 +37,7 @@ SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # cpu.c's enum
 HUGE_PAGE = 2 << 20
+PAGED_PREFILL = False  # prefill steps run the reference lines (SDPA), compute-bound on a CPU anyway
 FUSED_HEAD = True  # in a decode step the output head is one more weight stream: matvec, with the final norm inside
 # matvec's most input rows. Each added row costs matvec the FMAs of one more pass (weights read once): the 0.6B layer's
 # four products took 0.8 / 3.5 / 9.4 / 18 ms at 1 / 8 / 16 / 32 bf16 rows, F.linear 2.0 / 13 / 45 / 81 (its bf16 product

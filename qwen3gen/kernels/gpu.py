@@ -1,4 +1,5 @@
-"""Hand-written Triton kernels for the CUDA decode step, where at batch 1 the step is bound by kernel count.
+"""Hand-written Triton kernels for the CUDA steps: decode, where at batch 1 the step is bound by kernel count, and
+attention over the paged pool for steps with prefill chunks.
 
 A decode step reads every weight once, but at batch 1 on a GPU each kernel also costs a microsecond or more of
 fixed time, and torch.compile makes about eleven kernels of each layer: norm statistics before each of the two
@@ -12,13 +13,16 @@ layer is six (four products, the new token's q/k/v, its attention):
   head), writing to the row's pool slot.
 - `decode_attention`: attention of each row's new token over its context in the paged pool, of any length, one
   program per (row, key/value head), its query heads padded to 16 rows for tensor-core products.
+- `paged_attention`: causal attention of a step's new tokens of any mix (whole prompts, chunks after a cached
+  context, decodes) over the pool, no padding, one program per (tile of a request's tokens, key/value head); the
+  step's other work stays PyTorch's (new_token writes its keys and values, a program per token).
 
 The KV pool holds each layer's keys and values in blocks, [num_blocks, kv_heads, block_size, head_dim]; a row's
 context slot j lies in block block_tables[row, j // block_size] at offset j % block_size (attention.py). The kernels
 read the slots, block tables and context lengths from device memory and their grids and constexprs depend only on
 shapes, so one launch (one CUDA graph per batch size) serves every length as contexts grow.
 
-All three are torch custom ops (new_token mutating the cache buffers), so torch.compile and CUDA graphs see one
+All are torch custom ops (new_token mutating the cache buffers), so torch.compile and CUDA graphs see one
 opaque call each. The model uses them only on CUDA; the tests run the same kernels on CPU tensors through Triton's
 interpreter (TRITON_INTERPRET=1) and compare them with the model's PyTorch lines.
 """
@@ -188,6 +192,71 @@ if triton is not None:
         tl.store(out_ptr + heads, out.to(dtype), mask=real[:, None])
 
     @triton.jit
+    def _paged_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_starts_ptr, seq_lens_ptr, tiles_ptr, out_ptr,
+        num_tiles, cache_block_stride, cache_head_stride, cache_slot_stride, table_row_stride, scale,
+        HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, QUERIES: tl.constexpr, DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        """One program per (query tile, key/value head): QUERIES consecutive new tokens of one request, each with the
+        query heads that share the key/value head (rows (query, member), GROUP_P2 members a query), attend causally
+        over the request's context in the pool, TILE slots a step (online softmax), gathering each slot's block from
+        the request's block table as _decode_attention_kernel does. A request's new tokens are the last of its
+        context: token t of a request whose seq_lens is L and whose query_starts span holds n tokens is at position
+        L - n + t and sees slots 0 to that position. Tile entries past the step's own (a request of -1) do nothing."""
+        tile = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        request = tl.load(tiles_ptr + tile)
+        if request < 0:
+            return
+        dtype = out_ptr.dtype.element_ty
+        first = tl.load(tiles_ptr + num_tiles + tile)  # the tile's first query, counted within the request
+        start = tl.load(query_starts_ptr + request)
+        count = tl.load(query_starts_ptr + request + 1) - start
+        length = tl.load(seq_lens_ptr + request)
+        rows = tl.arange(0, QUERIES * GROUP_P2)
+        query = first + rows // GROUP_P2
+        member = rows % GROUP_P2
+        real = (member < GROUP) & (query < count)
+        position = length - count + query
+        dims = tl.arange(0, DIM)
+        heads = ((start + query).to(tl.int64) * HEADS + kv_head * GROUP + member)[:, None] * DIM + dims[None, :]
+        q = tl.load(q_ptr + heads, mask=real[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        table = block_tables_ptr + request.to(tl.int64) * table_row_stride
+        best = tl.full([QUERIES * GROUP_P2], float("-inf"), tl.float32)
+        total = tl.zeros([QUERIES * GROUP_P2], tl.float32)
+        acc = tl.zeros([QUERIES * GROUP_P2, DIM], tl.float32)
+        head = kv_head * cache_head_stride + dims[None, :]
+        offsets = tl.arange(0, TILE)
+        end = tl.minimum(length, length - count + first + QUERIES)  # past the tile's last query's position
+        for key_start in tl.range(0, end, TILE, num_stages=2):
+            slots = key_start + offsets
+            stored = slots < end
+            blocks = tl.load(table + slots // BLOCK_SIZE, mask=stored, other=0).to(tl.int64)
+            cache = head + (blocks * cache_block_stride + (slots % BLOCK_SIZE) * cache_slot_stride)[:, None]
+            k = tl.load(k_cache_ptr + cache, mask=stored[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            visible = stored[None, :] & (slots[None, :] <= position[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+            # Finite from the first tile on: slot 0 is visible to every query, so a tile a query sees none of
+            # leaves its sums as they were.
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            weights = tl.exp(scores - new_best[:, None])
+            rescale = tl.exp(best - new_best)
+            v = tl.load(v_cache_ptr + cache, mask=stored[:, None], other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+            total = total * rescale + tl.sum(weights, axis=1)
+            best = new_best
+        out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+        tl.store(out_ptr + heads, out.to(dtype), mask=real[:, None])
+
+    @triton.jit
     def _new_token_kernel(
         qkv_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_ptr, v_cache_ptr, q_ptr,
         qkv_row_stride, rope_row_stride, cache_block_stride, cache_head_stride, cache_slot_stride, eps,
@@ -301,6 +370,56 @@ def _(q, k_cache, v_cache, block_tables, seq_lens):  # noqa: ANN001, ANN202
     return torch.empty_like(q)
 
 
+QUERY_ROWS = 64  # rows of a paged_attention program: query tokens times the query heads of one key/value head
+
+
+def tile_queries(heads: int, kv_heads: int) -> int:
+    """How many query tokens one paged_attention program takes: QUERY_ROWS rows, each token a row per query head
+    of its key/value head (padded to a power of two)."""
+    return max(1, QUERY_ROWS // triton.next_power_of_2(heads // kv_heads))
+
+
+def query_tiles(query_lens: list[int], queries: int) -> tuple[list[int], list[int]]:
+    """paged_attention's work list, built on the host: the request and first query (within the request) of each
+    tile of `queries` consecutive new tokens."""
+    requests, firsts = [], []
+    for request, n in enumerate(query_lens):
+        requests += [request] * -(-n // queries)
+        firsts += range(0, n, queries)
+    return requests, firsts
+
+
+@torch.library.custom_op("qwen3gen::paged_attention", mutates_args=())
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    query_starts: torch.Tensor, seq_lens: torch.Tensor, tiles: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """Causal attention of a step's new tokens, q [tokens, heads, head_dim], requests side by side (request r's from
+    query_starts[r] to query_starts[r + 1]), each over its first seq_lens[r] slots of the pool (its new ones last,
+    already written) through block_tables [requests, max_blocks]: prefill chunks, whole prompts and single decode
+    tokens in one launch, with no padding and no gathered copy of the keys. tiles [2, n] (query_tiles' lists, -1 past
+    the step's own so that a recorded step keeps one grid): the request and first query of each program's tokens."""
+    _, heads, dim = q.shape
+    kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+    num_tiles = tiles.shape[1]
+    _paged_attention_kernel[(num_tiles, kv_heads)](
+        q, k_cache, v_cache, block_tables, query_starts, seq_lens, tiles, out,
+        num_tiles, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), dim**-0.5,
+        HEADS=heads, GROUP=group, GROUP_P2=triton.next_power_of_2(group), QUERIES=tile_queries(heads, kv_heads),
+        DIM=dim, BLOCK_SIZE=block_size, TILE=64, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=q.device.type != "cuda", num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+@paged_attention.register_fake
+def _(q, k_cache, v_cache, block_tables, query_starts, seq_lens, tiles):  # noqa: ANN001, ANN202
+    return torch.empty_like(q)
+
+
+PAGED_PREFILL = True  # paged_attention takes prefill chunks too: every step runs its attention here
 MATVEC_ROWS = 1  # the Triton matvec takes one input row: a step of several requests runs the products as F.linear
 FUSED_HEAD = False  # on CUDA cuBLAS reads the output head as fast as matvec would, so the model runs it as F.linear
 
