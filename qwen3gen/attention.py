@@ -83,9 +83,9 @@ class PagedBatch:
     slots [tokens]: where each new token's key and value go. seq_lens [requests]: tokens of context once they are
     written (the new ones are the last of it); query_starts [requests + 1]: request r's new tokens are the step's
     tokens query_starts[r] to query_starts[r + 1]. block_tables [requests, blocks]. decode: every request has exactly
-    one new token (the case of the kernels' whole decode step). tiles: the kernels' work list of a step they attend
-    as one launch (kernels/gpu.py, paged_attention); host_lens: the new tokens and context lengths of each request on
-    the host, the shapes of the reference's layout (either may be None where the step does not run that path).
+    one new token (the case of the kernels' whole decode step). tiles, singles: the kernels' work lists of a step
+    with prefill chunks (kernels/gpu.py, paged_attention); host_lens: the new tokens and context lengths of each
+    request on the host, the shapes of the reference's layout (None where the step does not run that path).
     """
 
     backend: AttentionBackend
@@ -97,6 +97,7 @@ class PagedBatch:
     decode: bool  # a field, not a property: compiled steps read it as a constant
     dtype: torch.dtype  # the activations'
     tiles: torch.Tensor | None = None
+    singles: torch.Tensor | None = None
     host_lens: tuple[list[int], list[int]] | None = None
 
     @classmethod
@@ -109,12 +110,13 @@ class PagedBatch:
         lengths and the work list go to the device in one piece."""
         starts = list(itertools.accumulate(query_lens, initial=0))
         decode = max(query_lens) == 1
-        tiles = ([], []) if decode or not tile_queries else backend.kernels.query_tiles(query_lens, tile_queries)
-        lens = to_device(seq_lens + starts + tiles[0] + tiles[1], slots.device, torch.int32)
-        r = len(seq_lens)
+        work = ([], [], []) if decode or not tile_queries else backend.kernels.query_tiles(query_lens, tile_queries)
+        lens = to_device(seq_lens + starts + work[0] + work[1] + work[2], slots.device, torch.int32)
+        r, n = len(seq_lens), len(work[0])
+        tiles, singles = lens[2 * r + 1 : 2 * r + 1 + 2 * n].view(2, -1), lens[2 * r + 1 + 2 * n :]
         return cls(
             backend, caches, slots, lens[:r], lens[r : 2 * r + 1], block_tables, decode, dtype,
-            tiles=lens[2 * r + 1 :].view(2, -1) if tiles[0] else None, host_lens=(query_lens, seq_lens),
+            *((tiles, singles) if tile_queries and not decode else (None, None)), host_lens=(query_lens, seq_lens),
         )  # fmt: skip
 
     @property
@@ -137,7 +139,7 @@ class PagedBatch:
             return self.kernels.decode_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens)
         flat = q.view(q.shape[0], q.shape[1], q.shape[3])
         out = self.kernels.paged_attention(
-            flat, k_cache, v_cache, self.block_tables, self.query_starts, self.seq_lens, self.tiles
+            flat, k_cache, v_cache, self.block_tables, self.query_starts, self.seq_lens, self.tiles, self.singles
         )  # fmt: skip
         return out.view(q.shape)
 

@@ -359,6 +359,14 @@ def qwen3gen_throughput(engine: Engine, prompts: list[list[int]], lengths: list[
     return time.perf_counter() - start, produced
 
 
+def warm_up(engine: Engine, warmup: tuple[list[list[int]], list[int]]) -> None:
+    """Every step graph recorded, the warm-up workload run (compilation, allocations), and the prefix cache emptied
+    so that the timed run finds none of it."""
+    engine.warm_up()
+    qwen3gen_throughput(engine, *warmup)
+    engine.reset_prefix_cache()
+
+
 def transformers_throughput(
     hf: torch.nn.Module, prompts: list[list[int]], lengths: list[int], warmup: tuple[list[list[int]], list[int]],
     concurrency: int, max_batched_tokens: int, num_blocks: int | None,
@@ -533,8 +541,7 @@ def run_throughput(
                 model, kv_memory=kv_bytes, block_size=block_size, max_running=concurrency,
                 max_batched_tokens=max_batched_tokens, compile=name.endswith("compiled"),
             )  # fmt: skip
-            qwen3gen_throughput(engine, *warmup)
-            engine.reset_prefix_cache()
+            warm_up(engine, warmup)
             wall, produced = qwen3gen_throughput(engine, prompts, lengths)
             stats = engine.stats()
             note = f"{stats['preemptions']} preemptions" if stats["preemptions"] else None

@@ -288,6 +288,7 @@ def run_serve(llm: LLM, args: argparse.Namespace) -> None:
     from .server import create_app
 
     name = args.served_model_name or args.model
+    llm.engine.warm_up()  # every step graph recorded before the first request, not during it
     app = create_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
     app.router.add_event_handler("shutdown", lambda: print("qwen3gen: server stopped", file=sys.stderr, flush=True))
     print(f"qwen3gen: serving {name} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .bench import (
-    device_name, free_memory, load_bench_model, qwen3gen_throughput, throughput_defaults, throughput_workload,
+    device_name, free_memory, load_bench_model, qwen3gen_throughput, throughput_defaults, throughput_workload, warm_up,
     warmup_workload,
 )
 from .engine import Engine
@@ -149,13 +149,13 @@ def run_serve_bench(
             warmup = warmup_workload(dev, min(concurrency, len(prompts)), cfg.vocab_size, seed + 1)
             free_memory(dev)
             offline = Engine(model, max_running=concurrency, compile=compile)
-            qwen3gen_throughput(offline, *warmup)
-            offline.reset_prefix_cache()
+            warm_up(offline, warmup)
             wall, produced = qwen3gen_throughput(offline, prompts, lengths)
             offline_rate = produced / wall
             offline = None
             free_memory(dev)
             llm = LLM(model, tokenizer, {}, compile=compile, max_running=concurrency)
+            llm.engine.warm_up()
             server = ServerThread(create_app(llm, MODEL_NAME))
             try:
                 url = server.url + "/v1/completions"

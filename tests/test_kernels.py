@@ -69,17 +69,18 @@ def scattered_pool(cfg, lengths: list[int], block_size: int, dtype: torch.dtype)
 @pytest.mark.parametrize(("shape", "block_size"), [("qwen3", BLOCK_SIZE), ("qwen3-group5", 12)])
 def test_paged_attention_over_a_mixed_step(shape, block_size, dtype):
     """paged_attention takes a whole prompt, a chunk after 470 slots of context (three query tiles, the last part
-    full), decodes and a 3-token chunk in one launch, and spare tile entries of -1 (a recorded step's padding): each
+    full), decodes (their own programs) and a 3-token chunk, and spare entries of -1 (a recorded step's padding): each
     request's tokens attend causally over exactly their own slots of a NaN-poisoned pool, as SDPA does."""
     cfg = attention_config(shape)
     seq_lens, query_lens = [75, 600, 17, 1, 45], [75, 130, 1, 1, 3]
     k_cache, v_cache, tables, contexts = scattered_pool(cfg, seq_lens, block_size, dtype)
     q = torch.randn(sum(query_lens), cfg.num_attention_heads, cfg.head_dim, dtype=dtype)
     starts = [0, *itertools.accumulate(query_lens)]
-    requests, firsts = gpu.query_tiles(query_lens, gpu.tile_queries(cfg.num_attention_heads, cfg.num_key_value_heads))
+    requests, firsts, singles = gpu.query_tiles(query_lens, gpu.tile_queries(cfg.num_attention_heads, cfg.num_key_value_heads))
+    assert singles == [2, 3]
     tiles = torch.tensor([requests + [-1] * 3, firsts + [0] * 3], dtype=torch.int32)
     out = gpu.paged_attention(q, k_cache, v_cache, tables, torch.tensor(starts, dtype=torch.int32),
-                              torch.tensor(seq_lens, dtype=torch.int32), tiles)  # fmt: skip
+                              torch.tensor(seq_lens, dtype=torch.int32), tiles, torch.tensor(singles + [-1]))  # fmt: skip
     assert torch.isfinite(out).all()
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.02)
     for r, (keys, values) in enumerate(contexts):
@@ -204,3 +205,20 @@ def test_the_cuda_engine_path_on_cpu(tiny_llm, monkeypatch):
     assert engine.stats()["prefix_cache_hit_tokens"] > 0
     assert {16, 40} <= set(engine.runner.prefill_graphs) and engine.runner.graphs  # padded steps, and full ones
     assert engine.blocks.num_free == free
+
+
+def test_warm_up_records_every_step_graph(tiny_llm, monkeypatch):
+    """Engine.warm_up records the graph of every decode batch size and prefill token count (largest first, as they
+    share one memory pool), and steps after it replay them: the same greedy tokens as the reference engine."""
+    monkeypatch.setattr(gpu, "available", lambda device: True)
+    engine = qwen3gen.Engine(tiny_llm.model, kv_memory="4MiB", max_running=2, max_batched_tokens=20, overlap=True)
+    monkeypatch.setattr(engine.runner, "use_graphs", True)
+    engine.warm_up()
+    assert set(engine.runner.graphs) == {1, 2} and set(engine.runner.prefill_graphs) == {16, 20}
+    prompt = tiny_llm.tokenizer.encode("Why is the sky blue? Explain it to a child in one sentence, please.")
+    expected = tiny_llm.generate(prompt, max_new_tokens=6, temperature=0.0, ignore_eos=True).token_ids
+    request = engine.add_request(prompt, qwen3gen.SamplingParams(max_new_tokens=6, ignore_eos=True))
+    tokens = []
+    for _ in range(20):
+        tokens += [t for out in engine.step() if out.request_id == request for t in out.new_token_ids]
+    assert tokens == expected

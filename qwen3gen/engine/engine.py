@@ -268,6 +268,12 @@ class Engine:
         with self._lock:
             self.blocks.reset_cache()
 
+    def warm_up(self) -> None:
+        """Record every step graph (and compile) now rather than at the first step of each size; nothing to do where
+        steps are not recorded (off CUDA)."""
+        with self._lock:
+            self.runner.record_graphs()
+
     def stats(self) -> dict:
         with self._lock:
             blocks = self.blocks

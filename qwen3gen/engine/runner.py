@@ -130,6 +130,17 @@ class ModelRunner:
         logits = self.model(ids, to(positions), batch, to_device(rows, self.device, torch.long))
         return StepLogits(logits, sample_rows, prompt_rows)
 
+    def record_graphs(self) -> None:
+        """Record the graph of every decode batch size and prefill token count now (where steps are recorded), as a
+        server does before it listens; otherwise the first step of each size records it (and compiles, with
+        compile), and waits for it."""
+        if not self.use_graphs:
+            return
+        for size in sorted(set(self.graph_sizes) - set(self.graphs), reverse=True):
+            self.graphs[size] = DecodeGraph(self, size)
+        for size in sorted(set(self.prefill_sizes if self.tile_queries else ()) - set(self.prefill_graphs), reverse=True):
+            self.prefill_graphs[size] = PrefillGraph(self, size)
+
     def decode_graph(self, requests: list[Request], tokens: list[int], starts: list[int], fill: Callable | None) -> torch.Tensor:
         """A decode step as the replay of the graph of the next padded size."""
         size = next(s for s in self.graph_sizes if s >= len(requests))
@@ -231,7 +242,7 @@ class PrefillGraph:
         self.queries, self.query_tiles = runner.tile_queries, runner.backend.kernels.query_tiles
         self.sizes = {  # the parts of the one input buffer (int64), copied from the host in one piece a step
             "ids": size, "positions": size, "slots": size, "seq_lens": rows, "starts": rows + 1,
-            "tiles": 2 * (-(-size // self.queries) + rows), "rows": min(rows, size),
+            "tiles": 2 * (-(-size // self.queries) + rows), "singles": rows, "rows": min(rows, size),
         }  # fmt: skip
         self.inputs = torch.zeros(sum(self.sizes.values()), dtype=torch.long, device=device)
         self.host = torch.zeros(2, len(self.inputs), dtype=torch.long, pin_memory=device.type == "cuda")
@@ -241,7 +252,7 @@ class PrefillGraph:
         parts = self.parts
         self.batch = PagedBatch(
             runner.backend, runner.pool.caches, parts["slots"], parts["seq_lens"], parts["starts"], self.tables,
-            decode=False, dtype=runner.dtype, tiles=parts["tiles"].view(2, -1),
+            decode=False, dtype=runner.dtype, tiles=parts["tiles"].view(2, -1), singles=parts["singles"],
         )  # fmt: skip
         self.model = runner.model
         self.recorded = RecordedStep(self.step, device, runner.graph_pool)
@@ -265,11 +276,13 @@ class PrefillGraph:
         parts["seq_lens"][:r] = torch.tensor(seq_lens)
         parts["starts"][: r + 1] = torch.tensor(list(itertools.accumulate(query_lens, initial=0)))
         parts["starts"][r + 1 :] = n
-        requests, firsts = self.query_tiles(query_lens, self.queries)
+        requests, firsts, singles = self.query_tiles(query_lens, self.queries)
         work = parts["tiles"].view(2, -1)
-        work[0, : len(requests)] = torch.tensor(requests)
+        work[0, : len(requests)] = torch.tensor(requests, dtype=torch.long)
         work[0, len(requests) :] = -1
-        work[1, : len(firsts)] = torch.tensor(firsts)
+        work[1, : len(firsts)] = torch.tensor(firsts, dtype=torch.long)
+        parts["singles"][: len(singles)] = torch.tensor(singles, dtype=torch.long)
+        parts["singles"][len(singles) :] = -1
         parts["rows"][: len(rows)] = torch.tensor(rows)
         self.inputs.copy_(host, non_blocking=True)
         if fill is not None:

@@ -195,29 +195,32 @@ if triton is not None:
     def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_starts_ptr, seq_lens_ptr, tiles_ptr, out_ptr,
         num_tiles, cache_block_stride, cache_head_stride, cache_slot_stride, table_row_stride, scale,
-        HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, QUERIES: tl.constexpr, DIM: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, QUERIES: tl.constexpr, ROWS: tl.constexpr,
+        DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
     ):  # fmt: skip
         """One program per (query tile, key/value head): QUERIES consecutive new tokens of one request, each with the
         query heads that share the key/value head (rows (query, member), GROUP_P2 members a query), attend causally
         over the request's context in the pool, TILE slots a step (online softmax), gathering each slot's block from
         the request's block table as _decode_attention_kernel does. A request's new tokens are the last of its
         context: token t of a request whose seq_lens is L and whose query_starts span holds n tokens is at position
-        L - n + t and sees slots 0 to that position. Tile entries past the step's own (a request of -1) do nothing."""
+        L - n + t and sees slots 0 to that position. Tile entries past the step's own (a request of -1) do nothing.
+        ROWS >= QUERIES * GROUP_P2 rows (at least 16, for tl.dot); QUERIES = 1: the work list holds requests of one
+        new token only (decodes), no first queries."""
         tile = tl.program_id(0)
         kv_head = tl.program_id(1)
         request = tl.load(tiles_ptr + tile)
         if request < 0:
             return
         dtype = out_ptr.dtype.element_ty
-        first = tl.load(tiles_ptr + num_tiles + tile)  # the tile's first query, counted within the request
+        first = 0 if QUERIES == 1 else tl.load(tiles_ptr + num_tiles + tile)  # counted within the request
         start = tl.load(query_starts_ptr + request)
         count = tl.load(query_starts_ptr + request + 1) - start
         length = tl.load(seq_lens_ptr + request)
-        rows = tl.arange(0, QUERIES * GROUP_P2)
+        rows = tl.arange(0, ROWS)
         query = first + rows // GROUP_P2
         member = rows % GROUP_P2
-        real = (member < GROUP) & (query < count)
+        real = (member < GROUP) & (query < count) & (rows < QUERIES * GROUP_P2)
         position = length - count + query
         dims = tl.arange(0, DIM)
         heads = ((start + query).to(tl.int64) * HEADS + kv_head * GROUP + member)[:, None] * DIM + dims[None, :]
@@ -225,9 +228,9 @@ if triton is not None:
         if UPCAST:
             q = q.to(tl.float32)
         table = block_tables_ptr + request.to(tl.int64) * table_row_stride
-        best = tl.full([QUERIES * GROUP_P2], float("-inf"), tl.float32)
-        total = tl.zeros([QUERIES * GROUP_P2], tl.float32)
-        acc = tl.zeros([QUERIES * GROUP_P2, DIM], tl.float32)
+        best = tl.full([ROWS], float("-inf"), tl.float32)
+        total = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, DIM], tl.float32)
         head = kv_head * cache_head_stride + dims[None, :]
         offsets = tl.arange(0, TILE)
         end = tl.minimum(length, length - count + first + QUERIES)  # past the tile's last query's position
@@ -379,43 +382,51 @@ def tile_queries(heads: int, kv_heads: int) -> int:
     return max(1, QUERY_ROWS // triton.next_power_of_2(heads // kv_heads))
 
 
-def query_tiles(query_lens: list[int], queries: int) -> tuple[list[int], list[int]]:
-    """paged_attention's work list, built on the host: the request and first query (within the request) of each
-    tile of `queries` consecutive new tokens."""
-    requests, firsts = [], []
+def query_tiles(query_lens: list[int], queries: int) -> tuple[list[int], list[int], list[int]]:
+    """paged_attention's work lists, built on the host: the request and first query (within the request) of each
+    tile of `queries` consecutive new tokens of the requests with several, and the requests with one (decodes, which
+    run with one token a program: a tile of many would compute that many rows for one)."""
+    requests, firsts, singles = [], [], []
     for request, n in enumerate(query_lens):
+        if n == 1:
+            singles.append(request)
+            continue
         requests += [request] * -(-n // queries)
         firsts += range(0, n, queries)
-    return requests, firsts
+    return requests, firsts, singles
 
 
 @torch.library.custom_op("qwen3gen::paged_attention", mutates_args=())
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    query_starts: torch.Tensor, seq_lens: torch.Tensor, tiles: torch.Tensor,
+    query_starts: torch.Tensor, seq_lens: torch.Tensor, tiles: torch.Tensor, singles: torch.Tensor,
 ) -> torch.Tensor:  # fmt: skip
     """Causal attention of a step's new tokens, q [tokens, heads, head_dim], requests side by side (request r's from
     query_starts[r] to query_starts[r + 1]), each over its first seq_lens[r] slots of the pool (its new ones last,
     already written) through block_tables [requests, max_blocks]: prefill chunks, whole prompts and single decode
-    tokens in one launch, with no padding and no gathered copy of the keys. tiles [2, n] (query_tiles' lists, -1 past
-    the step's own so that a recorded step keeps one grid): the request and first query of each program's tokens."""
+    tokens in one step, with no padding and no gathered copy of the keys. tiles [2, n] and singles [m] (query_tiles'
+    lists, -1 past the step's own so that a recorded step keeps its grids): the request and first query of each
+    program's tokens, and the requests of one new token, each a program of its own (per key/value head)."""
     _, heads, dim = q.shape
     kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
-    group = heads // kv_heads
+    group = triton.next_power_of_2(heads // kv_heads)
     out = torch.empty_like(q)
-    num_tiles = tiles.shape[1]
-    _paged_attention_kernel[(num_tiles, kv_heads)](
-        q, k_cache, v_cache, block_tables, query_starts, seq_lens, tiles, out,
-        num_tiles, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), dim**-0.5,
-        HEADS=heads, GROUP=group, GROUP_P2=triton.next_power_of_2(group), QUERIES=tile_queries(heads, kv_heads),
-        DIM=dim, BLOCK_SIZE=block_size, TILE=64, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=q.device.type != "cuda", num_warps=4,
-    )  # fmt: skip
+    for work, queries in ((tiles, tile_queries(heads, kv_heads)), (singles, 1)):
+        num_tiles = work.shape[-1]
+        if num_tiles == 0:
+            continue
+        _paged_attention_kernel[(num_tiles, kv_heads)](
+            q, k_cache, v_cache, block_tables, query_starts, seq_lens, work, out,
+            num_tiles, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), dim**-0.5,
+            HEADS=heads, GROUP=heads // kv_heads, GROUP_P2=group, QUERIES=queries, ROWS=max(16, queries * group),
+            DIM=dim, BLOCK_SIZE=block_size, TILE=64, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            UPCAST=q.device.type != "cuda", num_warps=4,
+        )  # fmt: skip
     return out
 
 
 @paged_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, query_starts, seq_lens, tiles):  # noqa: ANN001, ANN202
+def _(q, k_cache, v_cache, block_tables, query_starts, seq_lens, tiles, singles):  # noqa: ANN001, ANN202
     return torch.empty_like(q)
 
 

@@ -1,0 +1,93 @@
+"""Where the throughput workload's time goes on a CUDA device (issue 14's 25,000 tokens/s goal): every step timed on
+its own (steps synchronous), summed by kind with the bandwidth it reached, then the heaviest kernels of steps with
+prefill chunks and of decode steps at the largest batch (torch.profiler).
+
+Run on the GPU machine from the repository root: python3 scripts/gpu_profile.py (`... cpu`: a dry run of the script
+on a 2-layer shape and 8 requests)
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import qwen3gen  # noqa: E402
+from qwen3gen import Engine, SamplingParams  # noqa: E402
+from qwen3gen.bench import (  # noqa: E402
+    random_model, synchronize, throughput_workload, warm_up, warmup_workload, weight_bytes_per_step,
+)
+from qwen3gen.engine.kv_pool import bytes_per_block  # noqa: E402
+
+
+def main(device: str = "cuda") -> None:
+    dev = torch.device(device)
+    cfg = qwen3gen.preset("0.6B").replace(num_hidden_layers=28 if device == "cuda" else 2)
+    requests = 256 if device == "cuda" else 8
+    model = random_model(cfg, dev, torch.bfloat16)
+    engine = Engine(model, overlap=False)
+    warm_up(engine, warmup_workload(dev, requests, cfg.vocab_size, 1))
+    kv_token = bytes_per_block(cfg, 1, torch.bfloat16)
+    weights = weight_bytes_per_step(model)
+    kinds: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0, 0])  # steps, seconds, bytes, tokens
+    run = engine.runner.run
+
+    def timed(rows, num_tokens, pending=None):  # noqa: ANN001, ANN202
+        synchronize(dev)
+        start = time.perf_counter()
+        out = run(rows, num_tokens, pending)
+        synchronize(dev)
+        if max(num_tokens) == 1:
+            size = next(s for s in engine.runner.graph_sizes if s >= len(rows))
+            kind = f"decode, batch <= {size}"
+        else:
+            kind = f"prefill chunks, {next(s for s in engine.runner.prefill_sizes if s >= sum(num_tokens))} tokens"
+        entry = kinds[kind]
+        entry[0] += 1
+        entry[1] += time.perf_counter() - start
+        entry[2] += weights + kv_token * sum(r.num_computed + n for r, n in zip(rows, num_tokens))
+        entry[3] += sum(num_tokens)
+        return out
+
+    engine.runner.run = timed
+    prompts, lengths = throughput_workload(requests, (100, 1024), (100, 1024), cfg.vocab_size, 0)
+    start = time.perf_counter()
+    for prompt, n in zip(prompts, lengths):
+        engine.add_request(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    produced = 0
+    while engine.has_unfinished():
+        produced += sum(len(out.new_token_ids) for out in engine.step())
+    wall = time.perf_counter() - start
+    print(f"throughput workload, synchronous steps: {produced} tokens in {wall:.2f} s = {produced / wall:.0f} tok/s")
+    print("| step kind | steps | s | ms/step | tokens | GB/s (weights + KV read) |\n|---|---:|---:|---:|---:|---:|")
+    for kind, (steps, seconds, read, tokens) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {kind} | {steps} | {seconds:.3f} | {1e3 * seconds / steps:.2f} | {tokens} | {read / seconds / 1e9:.0f} |")
+    inside = sum(v[1] for v in kinds.values())
+    print(f"outside runner.run (scheduling, sampling, outputs): {wall - inside:.2f} s of {wall:.2f}")
+
+    engine.runner.run = run
+    for prompt in prompts:
+        engine.add_request(prompt[:1000], SamplingParams(max_new_tokens=40, ignore_eos=True))
+    for title, steps in (("steps with prefill chunks (the first three)", 3), (f"decode steps, batch {requests}", 3)):
+        if title.startswith("decode"):
+            while engine.stats()["waiting"] or any(r.num_computed < r.prompt_len for r in engine.scheduler.running):
+                engine.step()
+        synchronize(dev)
+        with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                engine.step()
+            synchronize(dev)
+        print(f"\n{title}:")
+        order = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=order, row_limit=12, max_name_column_width=70))
+    while engine.has_unfinished():
+        engine.step()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
