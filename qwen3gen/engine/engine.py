@@ -213,7 +213,7 @@ class Engine:
             before = request.num_output
             request.append(token)
             self.generated_tokens += 1
-            new = request.output_ids[before:]
+            new = request.token_ids[request.prompt_len + before :]  # not output_ids[before:]: a copy of every output
             if logprob is not None and new:
                 request.logprobs.append(logprob)
             outputs.append(self._output(request, new, [logprob] if logprob is not None and new else None))

@@ -83,6 +83,8 @@ class Request:
     num_computed: int = 0  # tokens whose keys and values are in the pool
     pending: int = 0  # 1 while a token sampled by the step in flight is not yet in token_ids
     num_cached_tokens: int = 0  # of the prompt, found in the prefix cache when first admitted
+    # Only appended to while the request holds blocks; admitting and releasing it give it a new list (which
+    # runner.HostTables relies on to rewrite a recorded step's rows only where they changed).
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of its first full blocks, in the prefix cache
     status: Status = Status.WAITING

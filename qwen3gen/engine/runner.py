@@ -156,6 +156,34 @@ def block_tables(requests: list[Request], rows: int, width: int) -> torch.Tensor
     return tables
 
 
+class HostTables:
+    """A recorded step's block tables on the host, kept from step to step: a row is written only where it changed (a
+    new request in the row: all of its table; a table that grew: the new entries), where building every table again
+    costs the host time per block at every step. A row past the step's requests has block 0 (the scratch block) first.
+    Pageable memory: a copy to the device from it is staged at once, so the next step may write here while the copy
+    waits for the step in flight."""
+
+    def __init__(self, rows: int, width: int) -> None:
+        self.tables = torch.zeros(rows, width, dtype=torch.int32)
+        self.held: list[list[int] | None] = [None] * rows  # the table (the list itself) each row was written from
+        self.written = [0] * rows
+        self.used = 0
+
+    def update(self, requests: list[Request]) -> int:
+        """Bring the rows up to date with the requests' tables; returns the widest table's length."""
+        for row, request in enumerate(requests):
+            table = request.block_table
+            start = self.written[row] if self.held[row] is table else 0
+            if start < len(table):
+                self.tables[row, start : len(table)] = torch.tensor(table[start:], dtype=torch.int32)
+            self.held[row], self.written[row] = table, len(table)
+        for row in range(len(requests), self.used):
+            self.tables[row, 0] = 0
+            self.held[row], self.written[row] = None, 0
+        self.used = len(requests)
+        return max(self.written[: len(requests)])
+
+
 def compile_options(device: torch.device) -> dict[str, bool]:
     """Inductor settings for a compiled decode step, for that compilation only. On CUDA: tuned reductions (the
     products of small batches become reductions fused with their neighbours) and programmatic dependent launch where
@@ -205,6 +233,7 @@ class DecodeGraph:
         self.ids, self.positions = self.inputs
         self.slots = torch.zeros(size, dtype=torch.long, device=device)
         self.tables = torch.zeros(size, runner.max_blocks, dtype=torch.int32, device=device)
+        self.host_tables = HostTables(size, runner.max_blocks)
         self.batch = runner.batch(self.slots, [1] * size, [1] * size, self.tables)
         self.forward = runner.decode_model
         self.recorded = RecordedStep(self.step, device)
@@ -219,8 +248,7 @@ class DecodeGraph:
 
     def replay(self, requests: list[Request], tokens: list[int], starts: list[int], fill: Callable | None) -> torch.Tensor:
         n = len(requests)
-        width = max(len(r.block_table) for r in requests)
-        tables = block_tables(requests, self.tables.shape[0], width)
+        width = self.host_tables.update(requests)
         host = self.host[self.turn]
         self.turn ^= 1
         host.zero_()
@@ -228,7 +256,7 @@ class DecodeGraph:
         self.inputs.copy_(host, non_blocking=True)
         if fill is not None:
             fill(self.ids)
-        self.tables[:, :width].copy_(tables, non_blocking=True)
+        self.tables[:, :width].copy_(self.host_tables.tables[:, :width], non_blocking=True)
         return self.recorded()
 
 
