@@ -120,7 +120,8 @@ class ModelRunner:
             size = next(s for s in self.prefill_sizes if s >= len(tokens))
             if size not in self.prefill_graphs:
                 self.prefill_graphs[size] = PrefillGraph(self, size)
-            logits = self.prefill_graphs[size].replay(tokens, positions, slots, num_tokens, seq_lens, tables, rows, fill)
+            graph = self.prefill_graphs[size]
+            logits = graph.replay(requests, tokens, positions, slots, num_tokens, seq_lens, rows, fill)
             return StepLogits(logits, sample_rows, prompt_rows)
         to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         batch = self.batch(to(slots), num_tokens, seq_lens, to(tables))
@@ -160,17 +161,17 @@ class HostTables:
     """A recorded step's block tables on the host, kept from step to step: a row is written only where it changed (a
     new request in the row: all of its table; a table that grew: the new entries), where building every table again
     costs the host time per block at every step. A row past the step's requests has block 0 (the scratch block) first.
-    Pageable memory: a copy to the device from it is staged at once, so the next step may write here while the copy
-    waits for the step in flight."""
+    In pinned memory, copied whole (a copy from pageable memory, or of part of the rows' width, may wait for the step
+    in flight); the caller takes two in turn, as the copy from one may still wait behind the step in flight."""
 
-    def __init__(self, rows: int, width: int) -> None:
-        self.tables = torch.zeros(rows, width, dtype=torch.int32)
+    def __init__(self, rows: int, width: int, pinned: bool) -> None:
+        self.tables = torch.zeros(rows, width, dtype=torch.int32, pin_memory=pinned)
         self.held: list[list[int] | None] = [None] * rows  # the table (the list itself) each row was written from
         self.written = [0] * rows
         self.used = 0
 
-    def update(self, requests: list[Request]) -> int:
-        """Bring the rows up to date with the requests' tables; returns the widest table's length."""
+    def update(self, requests: list[Request]) -> torch.Tensor:
+        """The rows brought up to date with the requests' tables."""
         for row, request in enumerate(requests):
             table = request.block_table
             start = self.written[row] if self.held[row] is table else 0
@@ -181,7 +182,7 @@ class HostTables:
             self.tables[row, 0] = 0
             self.held[row], self.written[row] = None, 0
         self.used = len(requests)
-        return max(self.written[: len(requests)])
+        return self.tables
 
 
 def compile_options(device: torch.device) -> dict[str, bool]:
@@ -233,7 +234,7 @@ class DecodeGraph:
         self.ids, self.positions = self.inputs
         self.slots = torch.zeros(size, dtype=torch.long, device=device)
         self.tables = torch.zeros(size, runner.max_blocks, dtype=torch.int32, device=device)
-        self.host_tables = HostTables(size, runner.max_blocks)
+        self.host_tables = [HostTables(size, runner.max_blocks, device.type == "cuda") for _ in range(2)]
         self.batch = runner.batch(self.slots, [1] * size, [1] * size, self.tables)
         self.forward = runner.decode_model
         self.recorded = RecordedStep(self.step, device)
@@ -248,7 +249,7 @@ class DecodeGraph:
 
     def replay(self, requests: list[Request], tokens: list[int], starts: list[int], fill: Callable | None) -> torch.Tensor:
         n = len(requests)
-        width = self.host_tables.update(requests)
+        tables = self.host_tables[self.turn].update(requests)
         host = self.host[self.turn]
         self.turn ^= 1
         host.zero_()
@@ -256,7 +257,7 @@ class DecodeGraph:
         self.inputs.copy_(host, non_blocking=True)
         if fill is not None:
             fill(self.ids)
-        self.tables[:, :width].copy_(self.host_tables.tables[:, :width], non_blocking=True)
+        self.tables.copy_(tables, non_blocking=True)
         return self.recorded()
 
 
@@ -277,6 +278,7 @@ class PrefillGraph:
         self.turn = 0
         self.parts = dict(zip(self.sizes, self.inputs.split(list(self.sizes.values()))))
         self.tables = torch.zeros(rows, runner.max_blocks, dtype=torch.int32, device=device)
+        self.host_tables = [HostTables(rows, runner.max_blocks, device.type == "cuda") for _ in range(2)]
         parts = self.parts
         self.batch = PagedBatch(
             runner.backend, runner.pool.caches, parts["slots"], parts["seq_lens"], parts["starts"], self.tables,
@@ -289,10 +291,11 @@ class PrefillGraph:
         return self.model(self.parts["ids"], self.parts["positions"], self.batch, self.parts["rows"])
 
     def replay(
-        self, tokens: list[int], positions: torch.Tensor, slots: torch.Tensor, query_lens: list[int],
-        seq_lens: list[int], tables: torch.Tensor, rows: list[int], fill: Callable | None,
+        self, requests: list[Request], tokens: list[int], positions: torch.Tensor, slots: torch.Tensor,
+        query_lens: list[int], seq_lens: list[int], rows: list[int], fill: Callable | None,
     ) -> torch.Tensor:  # fmt: skip
         """The step's logits at `rows`: [len(rows), vocab]."""
+        tables = self.host_tables[self.turn].update(requests)
         host = self.host[self.turn]
         self.turn ^= 1
         host.zero_()
@@ -304,10 +307,10 @@ class PrefillGraph:
         parts["seq_lens"][:r] = torch.tensor(seq_lens)
         parts["starts"][: r + 1] = torch.tensor(list(itertools.accumulate(query_lens, initial=0)))
         parts["starts"][r + 1 :] = n
-        requests, firsts, singles = self.query_tiles(query_lens, self.queries)
+        tiles, firsts, singles = self.query_tiles(query_lens, self.queries)
         work = parts["tiles"].view(2, -1)
-        work[0, : len(requests)] = torch.tensor(requests, dtype=torch.long)
-        work[0, len(requests) :] = -1
+        work[0, : len(tiles)] = torch.tensor(tiles, dtype=torch.long)
+        work[0, len(tiles) :] = -1
         work[1, : len(firsts)] = torch.tensor(firsts, dtype=torch.long)
         parts["singles"][: len(singles)] = torch.tensor(singles, dtype=torch.long)
         parts["singles"][len(singles) :] = -1
@@ -315,5 +318,5 @@ class PrefillGraph:
         self.inputs.copy_(host, non_blocking=True)
         if fill is not None:
             fill(self.parts["ids"])
-        self.tables[:r, : tables.shape[1]].copy_(tables, non_blocking=True)
+        self.tables.copy_(tables, non_blocking=True)
         return self.recorded()[: len(rows)]
