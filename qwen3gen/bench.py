@@ -359,6 +359,12 @@ def qwen3gen_throughput(engine: Engine, prompts: list[list[int]], lengths: list[
     return time.perf_counter() - start, produced
 
 
+def resident_kv_bytes(cfg: Qwen3Config, prompts: list[list[int]], lengths: list[int], dt: torch.dtype, block_size: int = 16) -> int:
+    """A KV pool that holds every request of a workload at once (and the scratch block): no preemption, and no more
+    memory taken than the workload can use."""
+    return bytes_per_block(cfg, block_size, dt) * (1 + sum(-(-(len(p) + n) // block_size) for p, n in zip(prompts, lengths)))
+
+
 def warm_up(engine: Engine, warmup: tuple[list[list[int]], list[int]]) -> None:
     """Every step graph recorded, the warm-up workload run (compilation, allocations), and the prefix cache emptied
     so that the timed run finds none of it."""
@@ -463,8 +469,7 @@ def run_throughput(
     prompt_tokens, wanted_tokens = sum(map(len, prompts)), sum(lengths)
 
     block_size = 16
-    per_block = bytes_per_block(cfg, block_size, dt)
-    resident = per_block * (1 + sum(-(-(len(p) + n) // block_size) for p, n in zip(prompts, lengths)))
+    resident = resident_kv_bytes(cfg, prompts, lengths, dt, block_size)
     if kv_memory is None and resident <= default_kv_memory(dev):
         kv_bytes = resident
         hf_blocks = sum(-(-(len(p) + n) // HF_PAGE_SIZE) for p, n in zip(prompts, lengths))

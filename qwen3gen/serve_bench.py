@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from .bench import (
-    device_name, free_memory, load_bench_model, qwen3gen_throughput, throughput_defaults, throughput_workload, warm_up,
-    warmup_workload,
+    device_name, free_memory, load_bench_model, qwen3gen_throughput, resident_kv_bytes, throughput_defaults,
+    throughput_workload, warm_up, warmup_workload,
 )
 from .engine import Engine
 from .engine.engine import default_limits
+from .engine.kv_pool import default_kv_memory
 from .errors import InvalidParameterError
 from .llm import LLM
 from .loaders.checkpoint import default_dtype, parse_device, parse_dtype
@@ -148,13 +149,14 @@ def run_serve_bench(
         for name, concurrency, prompts, lengths in workloads:
             warmup = warmup_workload(dev, min(concurrency, len(prompts)), cfg.vocab_size, seed + 1)
             free_memory(dev)
-            offline = Engine(model, max_running=concurrency, compile=compile)
+            kv_memory = min(resident_kv_bytes(cfg, prompts, lengths, dt), default_kv_memory(dev))  # one for both
+            offline = Engine(model, kv_memory=kv_memory, max_running=concurrency, compile=compile)
             warm_up(offline, warmup)
             wall, produced = qwen3gen_throughput(offline, prompts, lengths)
             offline_rate = produced / wall
             offline = None
             free_memory(dev)
-            llm = LLM(model, tokenizer, {}, compile=compile, max_running=concurrency)
+            llm = LLM(model, tokenizer, {}, compile=compile, max_running=concurrency, kv_memory=kv_memory)
             llm.engine.warm_up()
             server = ServerThread(create_app(llm, MODEL_NAME))
             try:
