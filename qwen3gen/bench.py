@@ -359,7 +359,9 @@ def qwen3gen_throughput(engine: Engine, prompts: list[list[int]], lengths: list[
     return time.perf_counter() - start, produced
 
 
-def resident_kv_bytes(cfg: Qwen3Config, prompts: list[list[int]], lengths: list[int], dt: torch.dtype, block_size: int = 16) -> int:
+def resident_kv_bytes(
+    cfg: Qwen3Config, prompts: list[list[int]], lengths: list[int], dt: torch.dtype, block_size: int = 16
+) -> int:
     """A KV pool that holds every request of a workload at once (and the scratch block): no preemption, and no more
     memory taken than the workload can use."""
     return bytes_per_block(cfg, block_size, dt) * (1 + sum(-(-(len(p) + n) // block_size) for p, n in zip(prompts, lengths)))
