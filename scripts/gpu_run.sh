@@ -2,12 +2,14 @@
 # On the lent H200 (its own torch and transformers; nothing installed): the CUDA checks, then the goals' bench rows.
 # Usage from the repository root: bash scripts/gpu_run.sh TOKENIZER_DIR OUTPUT_DIR [engine|serve|all]
 # The tokenizer files must travel with the tree: here, `mkdir .tok && cp ../shared/qwen3-tokenizer/*.json .tok/`,
-# `echo /.tok/ >> .git/info/exclude`, then name `.tok` in the device call's carry and pass `.tok $OUT`.
+# `echo /.tok/ >> .git/info/exclude`, then name `.tok` in the device call's carry and pass `.tok $OUT`. The device has
+# no server packages: for "serve", `pip install --target .devdeps --python-version 3.12 --only-binary=:all:
+# --platform manylinux2014_x86_64 fastapi uvicorn prometheus-client httpx` here (excluded like .tok) and carry it too.
 # Each step has its own time limit and log file, so a slow step cannot take the others' results with it. "engine"
 # (the default: the checks and the engine's goals) fits one device call of 10 minutes, "serve" (the server under load,
 # issue 16's goals) another. transformers' throughput row (minutes on this workload) is left to a call of its own.
 set -uo pipefail
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD:$PWD/.devdeps" PYTHONUNBUFFERED=1
 out="$2"
 part="${3:-engine}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
@@ -18,10 +20,10 @@ bench() {
 }
 if [ "$part" != serve ]; then
     timeout 130 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
-    bench bench-throughput 140 --throughput --engines qwen3gen,qwen3gen-compiled
-    bench bench-batch64 110 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 --engines transformers,qwen3gen,qwen3gen-compiled
+    bench bench-throughput 170 --throughput --engines qwen3gen,qwen3gen-compiled
+    bench bench-batch64 150 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 --engines transformers,qwen3gen,qwen3gen-compiled
     bench bench-batch1 90 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --engines transformers,qwen3gen,qwen3gen-compiled
-    bench bench-ttft1024 35 --prompt-tokens 1024 --new-tokens 16 --batch 1 --reps 5 --engines transformers,qwen3gen
+    bench bench-ttft1024 45 --prompt-tokens 1024 --new-tokens 16 --batch 1 --reps 5 --engines transformers,qwen3gen
 fi
 if [ "$part" != engine ]; then
     bench bench-serve 300 --serve --tokenizer "$1"
