@@ -6,8 +6,8 @@
 # no server packages: for "serve", `pip install --target .devdeps --python-version 3.12 --only-binary=:all:
 # --platform manylinux2014_x86_64 fastapi uvicorn prometheus-client httpx` here (excluded like .tok) and carry it too.
 # Each step has its own time limit and log file, so a slow step cannot take the others' results with it. "engine"
-# (the default: the checks and the engine's goals) takes up to 10 minutes (one device call), "serve" (the server under load,
-# issue 16's goals) another. transformers' throughput row (minutes on this workload) is left to a call of its own.
+# (the default: the checks and the engine's goals) takes up to 10 minutes (one device call), "serve" (the server
+# under load, issue 16's goals) another. transformers' throughput row (minutes on this workload) is left to a call of its own.
 set -uo pipefail
 export PYTHONPATH="$PWD:$PWD/.devdeps" PYTHONUNBUFFERED=1
 out="$2"
