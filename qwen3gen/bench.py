@@ -314,7 +314,7 @@ class ThroughputRow:
     output_tokens_per_s: float
     total_tokens_per_s: float  # prompt + output tokens over the wall time
     vs_transformers: float | None  # output tokens/s over transformers' row
-    peak_memory_mib: float  # on CPU: the process's peak RSS so far (it cannot be reset between rows)
+    peak_memory_mib: float  # the row's own peak (on a CPU, resident memory; the process's so far off Linux)
     kv_pool_mib: float | None  # the KV cache the engine allocated
     note: str | None = None  # why a row has no numbers, or what it approximated
 
@@ -495,6 +495,7 @@ def run_throughput(
         "seed": seed,
         "sampling": "greedy, EOS ignored",
         "memory_kind": memory_kind,
+        "memory_per_row": reset_peak_memory(dev),  # else (a CPU off Linux) the process's peak so far
         "skipped": {},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -572,7 +573,8 @@ THROUGHPUT_TABLE_HEAD = (
 def format_throughput_setup(setup: dict) -> str:
     (p0, p1), (o0, o1) = setup["prompt_tokens"], setup["output_tokens"]
     skipped = "".join(f" | {name} skipped: {why}" for name, why in setup["skipped"].items())
-    memory = setup["memory_kind"] + (" (the process's peak so far: not reset between rows)" if setup["memory_kind"] == "cpu-rss" else "")
+    reset = "" if setup["memory_per_row"] else " (the process's peak so far: not reset between rows)"
+    memory = setup["memory_kind"] + reset
     return (
         f"{setup['model']} | {setup['device']} {setup['dtype']} | {setup['requests']} requests, concurrency "
         f"{setup['concurrency']}, {setup['max_batched_tokens']} tokens per step | prompts {p0}-{p1} tokens "

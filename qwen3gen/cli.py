@@ -191,6 +191,9 @@ def check_generate_args(args: argparse.Namespace) -> None:
 
 
 def run_generate(llm: LLM, args: argparse.Namespace) -> None:
+    from .results import reset_peak_memory
+
+    reset_peak_memory(llm.engine.device)  # the stats' peak is the generation's own, not the load's
     if args.batch or args.n > 1:
         run_batch(llm, args)
         return

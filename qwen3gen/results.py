@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -49,18 +51,32 @@ class Generation:
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
+    """The device's peak memory in bytes since the last reset_peak_memory, and what was measured. On a CPU, the
+    process's peak resident memory: since the last reset on Linux (VmHWM), for the process's life elsewhere."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda"
     if device.type == "xpu":
         return torch.xpu.max_memory_allocated(device), "xpu"
     if device.type == "mps":
         return torch.mps.driver_allocated_memory(), "mps"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024, "cpu-rss"
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024, "cpu-rss"
+    except (OSError, AttributeError):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024, "cpu-rss"
 
 
-def reset_peak_memory(device: torch.device) -> None:
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start the device's peak memory from what it holds now; False where that cannot be done (a CPU off Linux, or
+    one that refuses: the peak is then the process's so far). Process-wide: for benchmarks, which own the process."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif device.type == "xpu":
         torch.xpu.reset_peak_memory_stats(device)
+    elif device.type == "cpu":
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident size restarts from the current
+        except OSError:
+            return False
+    return True

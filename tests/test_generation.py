@@ -250,3 +250,16 @@ def test_an_interrupted_generation_frees_its_blocks(tiny_llm, monkeypatch):
 
     gc.collect()
     assert not tiny_llm.engine.has_unfinished() and tiny_llm.engine.stats()["kv_blocks_free"] == free
+
+
+def test_peak_memory_restarts_on_cpu():
+    """On Linux a CPU's peak (resident memory) restarts from the current size, so that each bench row, and the CLI's
+    generation stats, show their own peak and not the load's."""
+    from qwen3gen.results import peak_memory, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    spike = torch.ones(64 * 2**20, dtype=torch.int32)  # 256 MiB, touched
+    del spike
+    high = peak_memory(cpu)[0]
+    assert reset_peak_memory(cpu)
+    assert peak_memory(cpu)[0] < high - 128 * 2**20

@@ -15,12 +15,17 @@ from ..errors import InvalidParameterError
 from ..model import Qwen3
 
 
-def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output row: weight ~= int8 * scale[row], |int8| <= 127."""
-    w = weight.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scales.to(weight.dtype)
+def quantize_per_channel(weight: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: weight ~= int8 * scale[row], |int8| <= 127. A slice of `rows` rows at a time,
+    so that a large matrix (the output head) is never held whole as float32 while it converts."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    for start in range(0, weight.shape[0], rows):
+        w = weight[start : start + rows].float()
+        row_scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+        q[start : start + rows] = torch.round(w / row_scales[:, None]).clamp(-127, 127)
+        scales[start : start + rows] = row_scales
+    return q, scales
 
 
 class Int8Linear(nn.Module):
@@ -43,14 +48,18 @@ class Int8Linear(nn.Module):
 
 
 def quantize(model: Qwen3, method: str) -> Qwen3:
-    """Replace every linear layer in place; a tied head gets its own int8 copy (the embedding lookup stays exact)."""
+    """Replace every linear layer in place, so that the memory held peaks near the larger of the float and the int8
+    model rather than at both; a tied head gets its own int8 copy (the embedding lookup stays exact)."""
     if method not in QUANTIZATIONS:
         raise InvalidParameterError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {method!r}.")
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     with torch.no_grad():
-        for module in list(model.modules()):
-            for name, child in module.named_children():
-                if isinstance(child, nn.Linear):
-                    setattr(module, name, Int8Linear(child.weight, child.bias))
+        for name in names:  # one layer at a time, each float matrix freed once its int8 copy exists
+            parent, _, attribute = name.rpartition(".")
+            module = model.get_submodule(parent)
+            linear = getattr(module, attribute)
+            setattr(module, attribute, Int8Linear(linear.weight, linear.bias))
+            del linear
         if not isinstance(model.lm_head, Int8Linear):
             model.lm_head = Int8Linear(model.output_weight)
     return model
