@@ -1,12 +1,14 @@
 """`qwen3gen chat` in a pseudo-terminal, as a user runs it: Ctrl-C (the terminal's own SIGINT) during a reply stops
 the reply and keeps the session, colours are reset, the next turn is answered, and Ctrl-D ends it with exit code 0.
-(Two Ctrl-C at the prompt, which need the terminal's SIGINT to reach the main thread, are tested in test_repl.)"""
+Two Ctrl-C at the prompt after a stopped reply quit with 130."""
 
+import contextlib
 import os
 import pty
 import select
 import sys
 import time
+from collections.abc import Iterator
 
 
 def read_until(fd: int, marker: bytes, seen: bytearray, timeout: float = 60) -> bytes:
@@ -26,37 +28,61 @@ def read_until(fd: int, marker: bytes, seen: bytearray, timeout: float = 60) -> 
     return bytes(seen[start:])
 
 
-def test_ctrl_c_in_a_terminal_stops_the_reply_and_keeps_the_session(tiny_checkpoint):
-    command = [sys.executable, "-m", "qwen3gen.cli", "chat", "--model", str(tiny_checkpoint), "--device", "cpu",
+@contextlib.contextmanager
+def stopped_chat(checkpoint) -> Iterator[dict]:  # noqa: ANN001
+    """`qwen3gen chat` in a new pseudo-terminal, asked for a long story and stopped by Ctrl-C while it streams:
+    yields {"pid", "fd", "seen" (what it printed)}; killed afterwards unless exit_code saw it end."""
+    command = [sys.executable, "-m", "qwen3gen.cli", "chat", "--model", str(checkpoint), "--device", "cpu",
                "--no-think", "--temperature", "0", "--max-new-tokens", "450"]  # fmt: skip
     pid, fd = pty.fork()
     if pid == 0:  # the child: the pseudo-terminal is its controlling terminal, so Ctrl-C there is its SIGINT
         os.execv(sys.executable, command)
-    seen = bytearray()
+    chat = {"pid": pid, "fd": fd, "seen": bytearray()}
     try:
-        read_until(fd, b">>> ", seen)
+        read_until(fd, b">>> ", chat["seen"])
         os.write(fd, b"Tell me a long story.\r")
-        read_until(fd, b"story.", seen)  # the echo of the line
+        read_until(fd, b"story.", chat["seen"])  # the echo of the line
         time.sleep(0.3)  # the reply streams (450 tokens take a few seconds here)
         os.write(fd, b"\x03")
-        stopped = read_until(fd, b">>> ", seen)
+        stopped = read_until(fd, b">>> ", chat["seen"])
         assert b"[stopped]" in stopped and b"\x1b[0m" in stopped and b"Traceback" not in stopped
-        os.write(fd, b"Hi\r")
-        answered = read_until(fd, b">>> ", seen)
-        assert b"tok/s" in answered or b"new tokens" in answered
-        os.write(fd, b"\x04")  # Ctrl-D at the prompt
-        deadline = time.monotonic() + 30
-        while (status := os.waitpid(pid, os.WNOHANG))[0] == 0:
-            assert time.monotonic() < deadline, "the chat did not end"
-            if select.select([fd], [], [], 0.1)[0]:
-                try:
-                    os.read(fd, 4096)
-                except OSError:  # the terminal is closed once the chat has ended
-                    pass
-        assert os.waitstatus_to_exitcode(status[1]) == 0
-        pid = 0
+        yield chat
     finally:
-        if pid:
+        if chat["pid"]:
             os.kill(pid, 9)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+def exit_code(chat: dict) -> int:
+    """Wait (30 s at most) for the chat to end, draining its terminal; its exit code."""
+    deadline = time.monotonic() + 30
+    while (status := os.waitpid(chat["pid"], os.WNOHANG))[0] == 0:
+        assert time.monotonic() < deadline, "the chat did not end"
+        if select.select([chat["fd"]], [], [], 0.1)[0]:
+            try:
+                os.read(chat["fd"], 4096)
+            except OSError:  # the terminal is closed once the chat has ended
+                pass
+    chat["pid"] = 0
+    return os.waitstatus_to_exitcode(status[1])
+
+
+def test_ctrl_c_in_a_terminal_stops_the_reply_and_keeps_the_session(tiny_checkpoint):
+    with stopped_chat(tiny_checkpoint) as chat:
+        os.write(chat["fd"], b"Hi\r")
+        answered = read_until(chat["fd"], b">>> ", chat["seen"])
+        assert b"tok/s" in answered or b"new tokens" in answered
+        os.write(chat["fd"], b"\x04")  # Ctrl-D at the prompt
+        assert exit_code(chat) == 0
+
+
+def test_two_ctrl_c_at_the_prompt_after_a_stopped_reply_quit(tiny_checkpoint):
+    """The terminal's SIGINT reaches the prompt's thread after a reply was stopped (the compute threads, which could
+    take it, block it): the first Ctrl-C says how to quit, the second quits with 130."""
+    with stopped_chat(tiny_checkpoint) as chat:
+        time.sleep(0.3)
+        os.write(chat["fd"], b"\x03")
+        assert b"Ctrl-C again" in read_until(chat["fd"], b">>> ", chat["seen"])
+        os.write(chat["fd"], b"\x03")
+        assert exit_code(chat) == 130
