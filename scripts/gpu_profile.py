@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import qwen3gen  # noqa: E402
 from qwen3gen import Engine, SamplingParams  # noqa: E402
 from qwen3gen.bench import (  # noqa: E402
-    random_model, synchronize, throughput_workload, warm_up, warmup_workload, weight_bytes_per_step,
+    qwen3gen_throughput, random_model, synchronize, throughput_workload, warm_up, warmup_workload, weight_bytes_per_step,
 )
 from qwen3gen.engine.kv_pool import bytes_per_block  # noqa: E402
 
@@ -56,13 +56,7 @@ def main(device: str = "cuda") -> None:
 
     engine.runner.run = timed
     prompts, lengths = throughput_workload(requests, (100, 1024), (100, 1024), cfg.vocab_size, 0)
-    start = time.perf_counter()
-    for prompt, n in zip(prompts, lengths):
-        engine.add_request(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
-    produced = 0
-    while engine.has_unfinished():
-        produced += sum(len(out.new_token_ids) for out in engine.step())
-    wall = time.perf_counter() - start
+    wall, produced = qwen3gen_throughput(engine, prompts, lengths)
     print(f"throughput workload, synchronous steps: {produced} tokens in {wall:.2f} s = {produced / wall:.0f} tok/s")
     print("| step kind | steps | s | ms/step | tokens | GB/s (weights + KV read) |\n|---|---:|---:|---:|---:|---:|")
     for kind, (steps, seconds, read, tokens) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):

@@ -134,6 +134,30 @@ if triton is not None:
         return rotated_first, rotated_second
 
     @triton.jit
+    def _attend_slots(
+        q, acc, best, total, k_cache_ptr, v_cache_ptr, table, head, slots, stored, visible, scale,
+        cache_block_stride, cache_slot_stride, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        """One step of online softmax: the rows of q attend to the pool slots `slots` of the table's blocks (those
+        `stored` loaded, the scores `visible` [rows, slots] kept); returns acc, best, total updated."""
+        blocks = tl.load(table + slots // BLOCK_SIZE, mask=stored, other=0).to(tl.int64)
+        cache = head + (blocks * cache_block_stride + (slots % BLOCK_SIZE) * cache_slot_stride)[:, None]
+        k = tl.load(k_cache_ptr + cache, mask=stored[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        scores = tl.where(visible, scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        weights = tl.exp(scores - new_best[:, None])
+        rescale = tl.exp(best - new_best)
+        v = tl.load(v_cache_ptr + cache, mask=stored[:, None], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+        return acc, new_best, total * rescale + tl.sum(weights, axis=1)
+
+    @triton.jit
     def _decode_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
         cache_block_stride, cache_head_stride, cache_slot_stride, table_row_stride, scale,
@@ -169,23 +193,11 @@ if triton is not None:
         offsets = tl.arange(0, TILE)
         for start in tl.range(0, length, TILE, num_stages=2):
             slots = start + offsets
-            visible = slots < length
-            blocks = tl.load(table + slots // BLOCK_SIZE, mask=visible, other=0).to(tl.int64)
-            cache = head + (blocks * cache_block_stride + (slots % BLOCK_SIZE) * cache_slot_stride)[:, None]
-            k = tl.load(k_cache_ptr + cache, mask=visible[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            scores = tl.where(visible[None, :], scores, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, axis=1))  # finite: every tile holds a visible slot
-            weights = tl.exp(scores - new_best[:, None])
-            rescale = tl.exp(best - new_best)
-            v = tl.load(v_cache_ptr + cache, mask=visible[:, None], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
-            total = total * rescale + tl.sum(weights, axis=1)
-            best = new_best
+            stored = slots < length  # every tile holds a visible slot: the sums stay finite
+            acc, best, total = _attend_slots(
+                q, acc, best, total, k_cache_ptr, v_cache_ptr, table, head, slots, stored, stored[None, :], scale,
+                cache_block_stride, cache_slot_stride, BLOCK_SIZE, PRECISION, UPCAST,
+            )  # fmt: skip
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
@@ -237,25 +249,13 @@ if triton is not None:
         for key_start in tl.range(0, end, TILE, num_stages=2):
             slots = key_start + offsets
             stored = slots < end
-            blocks = tl.load(table + slots // BLOCK_SIZE, mask=stored, other=0).to(tl.int64)
-            cache = head + (blocks * cache_block_stride + (slots % BLOCK_SIZE) * cache_slot_stride)[:, None]
-            k = tl.load(k_cache_ptr + cache, mask=stored[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            visible = stored[None, :] & (slots[None, :] <= position[:, None])
-            scores = tl.where(visible, scores, float("-inf"))
             # Finite from the first tile on: slot 0 is visible to every query, so a tile a query sees none of
             # leaves its sums as they were.
-            new_best = tl.maximum(best, tl.max(scores, axis=1))
-            weights = tl.exp(scores - new_best[:, None])
-            rescale = tl.exp(best - new_best)
-            v = tl.load(v_cache_ptr + cache, mask=stored[:, None], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
-            total = total * rescale + tl.sum(weights, axis=1)
-            best = new_best
+            visible = stored[None, :] & (slots[None, :] <= position[:, None])
+            acc, best, total = _attend_slots(
+                q, acc, best, total, k_cache_ptr, v_cache_ptr, table, head, slots, stored, visible, scale,
+                cache_block_stride, cache_slot_stride, BLOCK_SIZE, PRECISION, UPCAST,
+            )  # fmt: skip
         out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
         tl.store(out_ptr + heads, out.to(dtype), mask=real[:, None])
 
