@@ -20,8 +20,8 @@ bench() {
 }
 if [ "$part" != serve ]; then
     timeout 130 python3 scripts/gpu_check.py "$1" > "$out/check.log" 2>&1
-    bench bench-throughput 170 --throughput --engines qwen3gen,qwen3gen-compiled
-    bench bench-batch64 150 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 --engines transformers,qwen3gen,qwen3gen-compiled
+    bench bench-throughput 190 --throughput --engines qwen3gen,qwen3gen-compiled
+    bench bench-batch64 140 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 --engines transformers,qwen3gen,qwen3gen-compiled
     bench bench-batch1 90 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 --engines transformers,qwen3gen,qwen3gen-compiled
     bench bench-ttft1024 45 --prompt-tokens 1024 --new-tokens 16 --batch 1 --reps 5 --engines transformers,qwen3gen
 fi
