@@ -20,7 +20,7 @@ class GenerationStats:
     time_to_first_token_s: float
     decode_tokens_per_s: float  # new tokens after the first, over the time they took
     total_s: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # since the last results.reset_peak_memory (the CLI's and bench's runs reset it first)
     memory_kind: str  # what peak_memory_bytes measures: "cuda", "xpu", "mps" or "cpu-rss"
     cached_prompt_tokens: int = 0  # found in the prefix cache, not computed
 
