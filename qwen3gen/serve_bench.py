@@ -101,9 +101,11 @@ def drive(url: str, prompts: list[list[int]], lengths: list[int], concurrency: i
 
 
 def latency_defaults(device: torch.device) -> dict:
+    """The latency workloads: prompts over a range at each concurrency, then prompts of one short length alone (the
+    case of issue 16's inter-token latency and TTFT goals: 128 tokens on a GPU)."""
     if device.type == "cuda":
-        return dict(concurrencies=(1, 16, 64), prompt_range=(128, 1024), output_tokens=128)
-    return dict(concurrencies=(1, 2, 4), prompt_range=(16, 64), output_tokens=16)
+        return dict(concurrencies=(1, 16, 64), prompt_range=(128, 1024), output_tokens=128, short_prompt=128)
+    return dict(concurrencies=(1, 2, 4), prompt_range=(16, 64), output_tokens=16, short_prompt=16)
 
 
 def run_serve_bench(
@@ -139,6 +141,9 @@ def run_serve_bench(
         count = requests or max(4, 2 * c)
         prompts, _ = throughput_workload(count, latency["prompt_range"], (1, 1), cfg.vocab_size, seed + c)
         workloads.append(("latency", c, prompts, [latency["output_tokens"]] * len(prompts)))
+    short = latency["short_prompt"]
+    prompts, _ = throughput_workload(requests or 4, (short, short), (1, 1), cfg.vocab_size, seed)
+    workloads.append((f"latency, {short}-token prompts", 1, prompts, [latency["output_tokens"]] * len(prompts)))
     setup = {"device": device_name(dev), "dtype": str(dt).removeprefix("torch."),
              "model": checkpoint_dir or f"random weights, Qwen3-{preset_name} shape", "compile": compile,
              "torch": torch.__version__}  # fmt: skip

@@ -78,11 +78,13 @@ def test_serve_bench_gets_every_token_over_http(tiny_checkpoint):
     from qwen3gen.serve_bench import SERVE_TABLE_HEAD, format_serve_row, run_serve_bench
 
     setup, rows = run_serve_bench(str(tiny_checkpoint), device="cpu", dtype="float32", requests=3)
-    assert [(r.workload, r.concurrency) for r in rows] == [("throughput", 64), ("latency", 1), ("latency", 2), ("latency", 4)]
+    assert [(r.workload, r.concurrency) for r in rows] == [
+        ("throughput", 64), ("latency", 1), ("latency", 2), ("latency", 4), ("latency, 16-token prompts", 1)
+    ]
     for row in rows:
         assert row.requests == 3 and row.http_tokens_per_s > 0 and row.offline_tokens_per_s > 0
         assert all(v >= 0 for v in row.ttft_ms + row.itl_ms)
         assert format_serve_row(row).count("|") == SERVE_TABLE_HEAD.splitlines()[0].count("|")
-    assert [r.output_tokens for r in rows[1:]] == [3 * 16] * 3  # every token of every request came back
+    assert [r.output_tokens for r in rows[1:]] == [3 * 16] * 4  # every token of every request came back
     with pytest.raises(qwen3gen.InvalidParameterError, match="--tokenizer"):
         run_serve_bench(None, device="cpu")
