@@ -28,7 +28,9 @@ from .engine import Engine
 from .engine.engine import default_limits
 from .engine.kv_pool import bytes_per_block, default_kv_memory, parse_size
 from .errors import InvalidParameterError
-from .loaders.checkpoint import Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve
+from .loaders.checkpoint import (
+    Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve, unallocated_model,
+)
 from .loaders.quantize import quantize
 from .model import Qwen3
 from .results import peak_memory, reset_peak_memory
@@ -74,8 +76,7 @@ def copy_bandwidth(device: torch.device) -> float:
 def random_model(cfg: Qwen3Config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Qwen3:
     """A model of the real shape with random weights: decoding speed does not depend on their values."""
     torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = Qwen3(cfg).to(dtype)
+    model = unallocated_model(cfg, dtype)
     model.to_empty(device=device)
     with torch.no_grad():
         for name, param in model.named_parameters():

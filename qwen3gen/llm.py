@@ -383,7 +383,7 @@ def load(
         directory = resolve(str(model))
         checkpoint = Checkpoint.open(directory)
         tokenizer, read_weights = Tokenizer.from_dir(directory), load_model
-    weights = read_weights(checkpoint, device, dtype)
+    weights = read_weights(checkpoint, device, dtype, huge_pages=not quantization)  # (quantized: placed after)
     if quantization:
         weights = quantize(weights, quantization)
     return LLM(weights, tokenizer, checkpoint.generation_config, compile=compile, **engine_options)

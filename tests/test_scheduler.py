@@ -160,3 +160,26 @@ def test_prompt_logprobs_requests_skip_the_cache():
 def test_block_manager_needs_a_block_to_hand_out():
     with pytest.raises(ValueError):
         BlockManager(num_blocks=SCRATCH_BLOCKS, block_size=16)
+
+
+def test_a_cpu_pool_takes_memory_only_as_its_blocks_are_written():
+    """A CPU KV pool is zeros from the OS's zero pages: made at once, resident only where written (torch.zeros wrote
+    every byte of a pool of gigabytes at load)."""
+    import re
+    from pathlib import Path
+
+    import torch
+
+    import qwen3gen
+    from qwen3gen.engine.kv_pool import KVPool
+
+    def resident() -> int:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+    before = resident()
+    pool = KVPool.sized(qwen3gen.preset("0.6B"), "512MiB", 16, torch.bfloat16, torch.device("cpu"))
+    assert pool.nbytes > 500 * 2**20 and resident() - before < 64 * 2**20
+    keys = pool.caches[3][0]
+    assert keys.dtype == torch.bfloat16 and not keys[:2].any()
+    keys[1] = 1.0
+    assert keys[1].all() and not keys[2].any()

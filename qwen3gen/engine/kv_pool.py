@@ -6,6 +6,8 @@ one head is block_size * head_dim contiguous values, which a kernel reads in one
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import re
 
@@ -57,6 +59,15 @@ def bytes_per_block(cfg: Qwen3Config, block_size: int, dtype: torch.dtype) -> in
     return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * block_size * cfg.head_dim * dtype.itemsize
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of zeros in anonymous memory, which the OS gives as zero pages on first touch: a pool of gigabytes
+    is made at once (torch.zeros writes every byte, seconds), and resident memory grows only with the blocks used.
+    The pool must hold finite values (the reference multiplies padding slots by zero weights), which zeros are."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    memory = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(memory, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)  # keeps the mmap alive
+
+
 class KVPool:
     """Each layer's keys and values, [num_blocks, kv_heads, block_size, head_dim] each, as tensors of their own: a
     compiled step writes into them in place, where views of one shared tensor would make it copy the whole pool."""
@@ -64,7 +75,10 @@ class KVPool:
     def __init__(self, cfg: Qwen3Config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (num_blocks, cfg.num_key_value_heads, block_size, cfg.head_dim)
         self.num_blocks, self.block_size = num_blocks, block_size
-        zeros = lambda: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        if device.type == "cpu":
+            zeros = lambda: lazy_zeros(shape, dtype)  # noqa: E731
+        else:
+            zeros = lambda: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         self.caches = [(zeros(), zeros()) for _ in range(cfg.num_hidden_layers)]
 
     @property

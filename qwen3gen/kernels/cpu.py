@@ -98,7 +98,6 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     return library, ""
 
 
-@torch.compiler.assume_constant_result  # compiled blocks ask it too: answered once, outside the graph
 def available(device: torch.device) -> bool:
     """Whether the CPU decode step can use the kernel (built here, or found in the cache)."""
     return device.type == "cpu" and _library()[0] is not None
@@ -283,8 +282,9 @@ def _(q, k_cache, v_cache, block_tables, seq_lens):  # noqa: ANN001, ANN202
     return torch.empty_like(q)
 
 
-def huge_page_weights(model: nn.Module) -> None:
-    """Move every parameter and buffer of a CPU model into one block of memory advised for 2 MiB pages (Linux).
+def huge_page_weights(model: nn.Module, copy: bool = True) -> None:
+    """Move every parameter and buffer of a CPU model into one block of memory advised for 2 MiB pages (Linux);
+    copy=False only places them there, their values not kept (a model about to be loaded: one copy, not two).
 
     Reading 1.2 GB of weights per token through 4 KiB pages costs a page-table walk every 4 KiB; through 2 MiB pages the
     same reads ran about a quarter faster here. Elsewhere (no madvise, or transparent huge pages off) nothing changes.
@@ -309,7 +309,9 @@ def huge_page_weights(model: nn.Module) -> None:
         for offset in offsets:
             t, owners = tensors.pop(next(iter(tensors)))  # dropped as it goes: peak memory grows by one tensor, not all
             begin = start + offset
-            moved = raw[begin : begin + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+            moved = raw[begin : begin + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            if copy:
+                moved.copy_(t)
             if isinstance(t, nn.Parameter):  # one Parameter still, where modules share one (tied weights)
                 moved = nn.Parameter(moved, t.requires_grad)
             for module, kind, name in owners:

@@ -18,10 +18,12 @@ from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from ..config import Qwen3Config
 from ..errors import CheckpointError, InvalidParameterError, ModelNotFoundError
+from ..kernels.cpu import huge_page_weights
 from ..model import Qwen3
 
 T = TypeVar("T")
@@ -188,12 +190,38 @@ def load_progress(items: Iterable[T], total: int, what: str) -> Iterable[T]:
                 disable=not sys.stderr.isatty())  # fmt: skip
 
 
-def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> Qwen3:
-    """Build the model without initialising it, then copy each checkpoint tensor into place."""
-    with torch.device("meta"):
-        model = Qwen3(checkpoint.config).to(dtype)
-    names = check_tensors(model, checkpoint)
+class _SkipInit(TorchFunctionMode):
+    """Leaves meta tensors' random initialisation undone: there is nothing to initialise, and meta's normal_ alone
+    imports seconds of PyTorch's Python decompositions on first use."""
+
+    SKIPPED = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func in self.SKIPPED and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def unallocated_model(cfg: Qwen3Config, dtype: torch.dtype) -> Qwen3:
+    """The model's modules with meta tensors of `dtype` (no memory, no initialisation), for to_empty and a load."""
+    with torch.device("meta"), _SkipInit():
+        return Qwen3(cfg).to(dtype)
+
+
+def allocate(model: Qwen3, device: torch.device, huge_pages: bool) -> None:
+    """Storage for an unallocated model's tensors, values undefined; with huge_pages, on a CPU in memory for 2 MiB
+    pages, which the decode kernels read faster (kernels/cpu.py), so that the weights are copied into place once.
+    Not for weights about to be replaced (quantized): their block would stay held by the tensors left in it."""
     model.to_empty(device=device)
+    if huge_pages and device.type == "cpu":
+        huge_page_weights(model, copy=False)
+
+
+def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, huge_pages: bool = True) -> Qwen3:
+    """Build the model without initialising it, then copy each checkpoint tensor into place (see allocate)."""
+    model = unallocated_model(checkpoint.config, dtype)
+    names = check_tensors(model, checkpoint)
+    allocate(model, device, huge_pages)
     targets = {hf_name(n): t for n, t in model.checkpoint_tensors()}  # views into the new storage
     with torch.no_grad():
         for name, tensor in load_progress(checkpoint.tensors(names), len(names), checkpoint.directory.name):

@@ -32,7 +32,7 @@ from ..config import Qwen3Config
 from ..errors import CheckpointError, ModelNotFoundError
 from ..model import Qwen3
 from ..tokenizer import Tokenizer
-from .checkpoint import load_progress
+from .checkpoint import allocate, load_progress, unallocated_model
 
 SUPPORTED_ARCHITECTURES = ("qwen3", "qwen2")
 # Pre-tokenizer names (tokenizer.ggml.pre) llama.cpp gives Qwen's split regex.
@@ -383,11 +383,10 @@ class GGUFCheckpoint:
         }
         return _backend_from_json(json.dumps(spec, ensure_ascii=False), self.path)
 
-    def load_model(self, device: torch.device, dtype: torch.dtype) -> Qwen3:
+    def load_model(self, device: torch.device, dtype: torch.dtype, huge_pages: bool = True) -> Qwen3:
         """Build the model without initialising it, then dequantize each tensor into place, a slice of rows at a time."""
         gguf = _import_gguf()
-        with torch.device("meta"):
-            model = Qwen3(self.config).to(dtype)
+        model = unallocated_model(self.config, dtype)
         params = {gguf_name(name): t for name, t in model.checkpoint_tensors()}
         for name, param in params.items():
             tensor = self.tensors.get(name)
@@ -399,7 +398,7 @@ class GGUFCheckpoint:
         extra = sorted(set(self.tensors) - set(params))
         if extra:
             raise CheckpointError(f"{self.path.name} has a tensor {extra[0]} that this architecture does not use.")
-        model.to_empty(device=device)  # new storage: the parameters are looked up again
+        allocate(model, device, huge_pages)  # new storage: the parameters are looked up again
         with torch.no_grad():
             targets = list(model.checkpoint_tensors())
             for name, target in load_progress(targets, len(targets), self.path.name):
@@ -432,5 +431,5 @@ def _backend_from_json(text: str, origin: Path) -> Any:
         raise CheckpointError(f"the tokenizer of {origin} is not a valid tokenizers file ({exc}).") from None
 
 
-def load_model(checkpoint: GGUFCheckpoint, device: torch.device, dtype: torch.dtype) -> Qwen3:
-    return checkpoint.load_model(device, dtype)
+def load_model(checkpoint: GGUFCheckpoint, device: torch.device, dtype: torch.dtype, huge_pages: bool = True) -> Qwen3:
+    return checkpoint.load_model(device, dtype, huge_pages)
