@@ -111,18 +111,17 @@ class ModelRunner:
             logits = self.decode_graph(requests, tokens, starts, fill)
             return StepLogits(logits, sample_rows, prompt_rows)
         seq_lens = [s + n for s, n in zip(starts, num_tokens)]
-        width = max(-(-n // self.pool.block_size) for n in seq_lens)
-        tables = block_tables(requests, len(requests), width)
-        which = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(num_tokens))
+        which = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(num_tokens))  # each token's request
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, num_tokens)])
-        slots = tables[which, positions // self.pool.block_size].long() * self.pool.block_size + positions % self.pool.block_size
         if self.use_graphs and self.tile_queries and not prompt_rows:  # (prompt scoring needs logits of any count)
             size = next(s for s in self.prefill_sizes if s >= len(tokens))
             if size not in self.prefill_graphs:
                 self.prefill_graphs[size] = PrefillGraph(self, size)
             graph = self.prefill_graphs[size]
-            logits = graph.replay(requests, tokens, positions, slots, num_tokens, seq_lens, rows, fill)
+            logits = graph.replay(requests, tokens, which, positions, num_tokens, seq_lens, rows, fill)
             return StepLogits(logits, sample_rows, prompt_rows)
+        tables = block_tables(requests, max(-(-n // self.pool.block_size) for n in seq_lens))
+        slots = token_slots(tables, which, positions, self.pool.block_size)
         to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         batch = self.batch(to(slots), num_tokens, seq_lens, to(tables))
         ids = to_device(tokens, self.device, torch.long)
@@ -150,11 +149,14 @@ class ModelRunner:
         return self.graphs[size].replay(requests, tokens, starts, fill)[: len(requests)]
 
 
-def block_tables(requests: list[Request], rows: int, width: int) -> torch.Tensor:
-    """The requests' block tables as the first of `rows` rows [rows, width] (int32, on the host), zeros after them."""
-    tables = torch.zeros(rows, width, dtype=torch.int32)
-    tables[: len(requests)] = torch.tensor([r.block_table + [0] * (width - len(r.block_table)) for r in requests])
-    return tables
+def block_tables(requests: list[Request], width: int) -> torch.Tensor:
+    """The requests' block tables [requests, width] (int32, on the host), zeros past each one's end."""
+    return torch.tensor([r.block_table + [0] * (width - len(r.block_table)) for r in requests], dtype=torch.int32)
+
+
+def token_slots(tables: torch.Tensor, which: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Each token's pool slot: block tables[which, position // block_size], at offset position % block_size."""
+    return tables[which, positions // block_size].long() * block_size + positions % block_size
 
 
 class HostTables:
@@ -267,7 +269,7 @@ class PrefillGraph:
     block; requests past the real ones have no tokens and no context, and the work list's spare entries are -1."""
 
     def __init__(self, runner: ModelRunner, size: int) -> None:
-        device, rows = runner.device, runner.max_rows
+        device, rows, self.block_size = runner.device, runner.max_rows, runner.pool.block_size
         self.queries, self.query_tiles = runner.tile_queries, runner.backend.kernels.query_tiles
         self.sizes = {  # the parts of the one input buffer (int64), copied from the host in one piece a step
             "ids": size, "positions": size, "slots": size, "seq_lens": rows, "starts": rows + 1,
@@ -291,10 +293,10 @@ class PrefillGraph:
         return self.model(self.parts["ids"], self.parts["positions"], self.batch, self.parts["rows"])
 
     def replay(
-        self, requests: list[Request], tokens: list[int], positions: torch.Tensor, slots: torch.Tensor,
+        self, requests: list[Request], tokens: list[int], which: torch.Tensor, positions: torch.Tensor,
         query_lens: list[int], seq_lens: list[int], rows: list[int], fill: Callable | None,
     ) -> torch.Tensor:  # fmt: skip
-        """The step's logits at `rows`: [len(rows), vocab]."""
+        """The step's logits at `rows`: [len(rows), vocab]. which, positions: each token's request and position."""
         tables = self.host_tables[self.turn].update(requests)
         host = self.host[self.turn]
         self.turn ^= 1
@@ -303,7 +305,7 @@ class PrefillGraph:
         n, r = len(tokens), len(query_lens)
         parts["ids"][:n] = torch.tensor(tokens)
         parts["positions"][:n] = positions
-        parts["slots"][:n] = slots
+        parts["slots"][:n] = token_slots(tables, which, positions, self.block_size)
         parts["seq_lens"][:r] = torch.tensor(seq_lens)
         parts["starts"][: r + 1] = torch.tensor(list(itertools.accumulate(query_lens, initial=0)))
         parts["starts"][r + 1 :] = n
