@@ -365,7 +365,8 @@ def resident_kv_bytes(
 ) -> int:
     """A KV pool that holds every request of a workload at once (and the scratch block): no preemption, and no more
     memory taken than the workload can use."""
-    return bytes_per_block(cfg, block_size, dt) * (1 + sum(-(-(len(p) + n) // block_size) for p, n in zip(prompts, lengths)))
+    blocks = sum(-(-(len(p) + n) // block_size) for p, n in zip(prompts, lengths))
+    return bytes_per_block(cfg, block_size, dt) * (1 + blocks)
 
 
 def warm_up(engine: Engine, warmup: tuple[list[list[int]], list[int]]) -> None:

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import qwen3gen  # noqa: E402
 from qwen3gen import Engine, SamplingParams  # noqa: E402
 from qwen3gen.bench import (  # noqa: E402
-    qwen3gen_throughput, random_model, synchronize, throughput_workload, warm_up, warmup_workload, weight_bytes_per_step,
+    qwen3gen_throughput, random_model, synchronize, throughput_workload, warm_up, warmup_workload,
+    weight_bytes_per_step,
 )
 from qwen3gen.engine.kv_pool import bytes_per_block  # noqa: E402
 
@@ -60,7 +61,8 @@ def main(device: str = "cuda") -> None:
     print(f"throughput workload, synchronous steps: {produced} tokens in {wall:.2f} s = {produced / wall:.0f} tok/s")
     print("| step kind | steps | s | ms/step | tokens | GB/s (weights + KV read) |\n|---|---:|---:|---:|---:|---:|")
     for kind, (steps, seconds, read, tokens) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
-        print(f"| {kind} | {steps} | {seconds:.3f} | {1e3 * seconds / steps:.2f} | {tokens} | {read / seconds / 1e9:.0f} |")
+        rate = read / seconds / 1e9
+        print(f"| {kind} | {steps} | {seconds:.3f} | {1e3 * seconds / steps:.2f} | {tokens} | {rate:.0f} |")
     inside = sum(v[1] for v in kinds.values())
     print(f"outside runner.run (scheduling, sampling, outputs): {wall - inside:.2f} s of {wall:.2f}")
 

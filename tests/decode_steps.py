@@ -64,7 +64,8 @@ def attention_step(cfg: qwen3gen.Qwen3Config, dtype: torch.dtype, kernels: Modul
     k_cache, v_cache, tables, seq_lens = paged_pool(cfg, dtype, SEQ_LENS, poison=kernels is not None)
     positions = seq_lens.long() - 1
     slots = tables.long().gather(1, (positions // BLOCK_SIZE)[:, None])[:, 0] * BLOCK_SIZE + positions % BLOCK_SIZE
-    batch = PagedBatch.of(AttentionBackend(kernels), [(k_cache, v_cache)], slots, [1] * len(SEQ_LENS), SEQ_LENS, tables, dtype)
+    pool = [(k_cache, v_cache)]
+    batch = PagedBatch.of(AttentionBackend(kernels), pool, slots, [1] * len(SEQ_LENS), SEQ_LENS, tables, dtype)
     rope = rotary_angles(positions[None], cfg.head_dim, cfg.rope_theta, dtype)
     x = torch.randn(1, len(SEQ_LENS), cfg.hidden_size, dtype=dtype)
     with torch.no_grad():

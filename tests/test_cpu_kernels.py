@@ -219,8 +219,8 @@ def decode_requests(kernels, caches, positions: list[int]) -> PagedBatch:  # noq
     slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for table, p in zip(tables, positions)])
     seq_lens = [p + 1 for p in positions]
     return PagedBatch.of(
-        AttentionBackend(kernels), caches, slots, [1] * len(positions), seq_lens, torch.tensor(tables, dtype=torch.int32),
-        torch.float32,
+        AttentionBackend(kernels), caches, slots, [1] * len(positions), seq_lens,
+        torch.tensor(tables, dtype=torch.int32), torch.float32,
     )  # fmt: skip
 
 

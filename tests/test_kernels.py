@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from decode_steps import BLOCK_SIZE, assert_same_step, attention_config, attention_step, paged_pool
 
 import qwen3gen
@@ -76,18 +77,19 @@ def test_paged_attention_over_a_mixed_step(shape, block_size, dtype):
     k_cache, v_cache, tables, contexts = scattered_pool(cfg, seq_lens, block_size, dtype)
     q = torch.randn(sum(query_lens), cfg.num_attention_heads, cfg.head_dim, dtype=dtype)
     starts = [0, *itertools.accumulate(query_lens)]
-    requests, firsts, singles = gpu.query_tiles(query_lens, gpu.tile_queries(cfg.num_attention_heads, cfg.num_key_value_heads))
+    queries = gpu.tile_queries(cfg.num_attention_heads, cfg.num_key_value_heads)
+    requests, firsts, singles = gpu.query_tiles(query_lens, queries)
     assert singles == [2, 3]
     tiles = torch.tensor([requests + [-1] * 3, firsts + [0] * 3], dtype=torch.int32)
-    out = gpu.paged_attention(q, k_cache, v_cache, tables, torch.tensor(starts, dtype=torch.int32),
-                              torch.tensor(seq_lens, dtype=torch.int32), tiles, torch.tensor(singles + [-1]))  # fmt: skip
+    lens = torch.tensor(starts, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32)
+    out = gpu.paged_attention(q, k_cache, v_cache, tables, *lens, tiles, torch.tensor(singles + [-1]))
     assert torch.isfinite(out).all()
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.02)
     for r, (keys, values) in enumerate(contexts):
-        queries = q[starts[r] : starts[r + 1]].transpose(0, 1)[None].double()  # [1, heads, n, dim]
+        own = q[starts[r] : starts[r + 1]].transpose(0, 1)[None].double()  # [1, heads, n, dim]
         position = torch.arange(seq_lens[r] - query_lens[r], seq_lens[r])
         mask = torch.arange(seq_lens[r])[None, :] <= position[:, None]
-        expected = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)
+        expected = F.scaled_dot_product_attention(own, keys, values, attn_mask=mask, enable_gqa=True)
         torch.testing.assert_close(out[starts[r] : starts[r + 1]].double(), expected[0].transpose(0, 1), **tolerance)
 
 
@@ -181,13 +183,14 @@ def test_the_cuda_engine_path_on_cpu(tiny_llm, monkeypatch):
     texts = [system + "What is 2+2?", "Hi", "Name a colour.", system + "Name a prime number.", "Why is the sky blue?"]
     prompts = [tiny_llm.tokenizer.encode(t) for t in texts]
     lengths = [12, 9, 15, 10, 8]
-    expected = [
-        o.token_ids[:n] for o, n in zip(tiny_llm.generate(prompts, max_new_tokens=15, temperature=0.0, ignore_eos=True), lengths)
-    ]  # fmt: skip
+    reference = tiny_llm.generate(prompts, max_new_tokens=15, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids[:n] for o, n in zip(reference, lengths)]
     free = engine.blocks.num_free
     params = [qwen3gen.SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
-    params[2] = qwen3gen.SamplingParams(max_new_tokens=lengths[2], ignore_eos=True, prompt_logprobs=1)  # steps not recorded
-    scored = tiny_llm.generate(prompts[2], params=qwen3gen.SamplingParams(max_new_tokens=1, prompt_logprobs=1)).prompt_logprobs
+    # A request scoring its prompt: its steps run as they come, not recorded.
+    params[2] = qwen3gen.SamplingParams(max_new_tokens=lengths[2], ignore_eos=True, prompt_logprobs=1)
+    scoring = qwen3gen.SamplingParams(max_new_tokens=1, prompt_logprobs=1)
+    scored = tiny_llm.generate(prompts[2], params=scoring).prompt_logprobs
     ids = [engine.add_request(p, s) for p, s in zip(prompts[:3], params)]
     tokens: dict[str, list[int]] = {}
     for step in range(200):

@@ -138,7 +138,8 @@ class ModelRunner:
             return
         for size in sorted(set(self.graph_sizes) - set(self.graphs), reverse=True):
             self.graphs[size] = DecodeGraph(self, size)
-        for size in sorted(set(self.prefill_sizes if self.tile_queries else ()) - set(self.prefill_graphs), reverse=True):
+        prefill_sizes = set(self.prefill_sizes if self.tile_queries else ())
+        for size in sorted(prefill_sizes - set(self.prefill_graphs), reverse=True):
             self.prefill_graphs[size] = PrefillGraph(self, size)
 
     def decode_graph(self, requests: list[Request], tokens: list[int], starts: list[int], fill: Callable | None) -> torch.Tensor:
