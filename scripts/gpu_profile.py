@@ -2,8 +2,12 @@
 its own (steps synchronous), summed by kind with the bandwidth it reached, then the heaviest kernels of steps with
 prefill chunks and of decode steps at the largest batch (torch.profiler).
 
-Run on the GPU machine from the repository root: python3 scripts/gpu_profile.py (`... cpu`: a dry run of the script
-on a 2-layer shape and 8 requests)
+`batch1` instead: where a batch-1 decode step's time goes (issue 14's 1,200 tokens/s goal): the engine's steps as the
+bench runs them (overlapped), the decode graph's replays alone, and the share of a profiled window in which the GPU
+was busy, with the kernels and copies outside the graph.
+
+Run on the GPU machine from the repository root: python3 scripts/gpu_profile.py [batch1] (`... cpu` or `... batch1
+cpu`: a dry run of the script on a 2-layer shape and 8 requests)
 """
 
 from __future__ import annotations
@@ -85,5 +89,59 @@ def main(device: str = "cuda") -> None:
         engine.step()
 
 
+def busy_share(prof: profile) -> tuple[float, float]:
+    """(seconds the GPU ran something, seconds from the first to the last GPU event) in a profiled window."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return busy / 1e6, (spans[-1][1] - spans[0][0]) / 1e6 if spans else 0.0
+
+
+def batch_one(device: str = "cuda") -> None:
+    dev = torch.device(device)
+    cfg = qwen3gen.preset("0.6B").replace(num_hidden_layers=28 if device == "cuda" else 2)
+    engine = Engine(random_model(cfg, dev, torch.bfloat16))
+    engine.warm_up()
+    steps = 300 if device == "cuda" else 20
+    for timed in (False, True):  # the first pass warms up
+        engine.add_request(list(range(100, 132)), SamplingParams(max_new_tokens=steps, ignore_eos=True))
+        engine.step()  # the prefill
+        synchronize(dev)
+        start, produced = time.perf_counter(), 0
+        while engine.has_unfinished():
+            produced += sum(len(out.new_token_ids) for out in engine.step())
+        synchronize(dev)
+    wall = time.perf_counter() - start
+    print(f"engine steps, batch 1: {produced} tokens in {wall * 1e3:.1f} ms = {produced / wall:.1f} tok/s")
+    graph = engine.runner.graphs.get(1)
+    if graph is not None:
+        synchronize(dev)
+        start = time.perf_counter()
+        for _ in range(steps):
+            graph.recorded()
+        synchronize(dev)
+        print(f"graph replays alone: {(time.perf_counter() - start) / steps * 1e3:.3f} ms each")
+    engine.add_request(list(range(100, 132)), SamplingParams(max_new_tokens=60, ignore_eos=True))
+    for _ in range(20):
+        engine.step()
+    synchronize(dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(20):
+            engine.step()
+        synchronize(dev)
+    busy, span = busy_share(prof)
+    print(f"profiled 20 steps: GPU busy {busy * 1e3:.2f} ms of {span * 1e3:.2f} ms ({busy / max(span, 1e-9):.0%})")
+    order = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=order, row_limit=25, max_name_column_width=70))
+    while engine.has_unfinished():
+        engine.step()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["batch1"]:
+        batch_one(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])

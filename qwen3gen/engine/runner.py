@@ -67,6 +67,7 @@ class ModelRunner:
         self.graphs: dict[int, DecodeGraph] = {}
         self.prefill_graphs: dict[int, PrefillGraph] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # the prefill graphs share it
+        self.feed = torch.zeros(max_rows, dtype=torch.long, device=self.device)  # pending tokens, for the graphs
         # What the decode graphs record; torch.compile compiles at the first call, and again for new shapes as needed.
         self.decode_model: Callable[..., torch.Tensor] = model
         if compile:
@@ -85,16 +86,17 @@ class ModelRunner:
     def run(self, requests: list[Request], num_tokens: list[int], pending: PendingTokens | None = None) -> StepLogits:
         """Compute the step's tokens (their keys and values go to the pool) and return the logits that are needed. A
         request's pending token (its last, sampled by the step in flight) is taken from pending.tokens on the device."""
-        tokens, starts, rows, prompt_rows, sample_rows = [], [], [], {}, {}
-        fill_at, fill_from = [], []
+        tokens, fed, starts, rows, prompt_rows, sample_rows = [], [], [], [], {}, {}
+        feeding = False
         for request, n in zip(requests, num_tokens):
             start = request.num_computed
             known = request.token_ids[start : start + n]
             tokens += known
+            fed += [-1] * len(known)
             if len(known) < n:  # only the last token can be pending
-                fill_at.append(len(tokens))
-                fill_from.append(pending.rows[request])
+                fed.append(pending.rows[request])
                 tokens.append(0)
+                feeding = True
             starts.append(start)
             if request.params.prompt_logprobs is not None and start < request.prompt_len - 1:
                 scored = min(start + n, request.prompt_len - 1) - start  # positions whose next token is a prompt token
@@ -103,12 +105,10 @@ class ModelRunner:
             if start + n == request.num_tokens:
                 sample_rows[request] = len(rows)
                 rows.append(len(tokens) - 1)
-        fill = None
-        if fill_at:
-            at, source = to_device([fill_at, fill_from], self.device, torch.long)
-            fill = lambda ids: ids.index_copy_(0, at, pending.tokens[source])  # noqa: E731
+        if self.use_graphs and feeding:  # the recorded steps read the pending tokens from their fixed buffer
+            self.feed[: len(pending.tokens)].copy_(pending.tokens)
         if self.use_graphs and max(num_tokens) == 1:  # at most max_running requests: the largest graph size
-            logits = self.decode_graph(requests, tokens, starts, fill)
+            logits = self.decode_graph(requests, tokens, fed, starts)
             return StepLogits(logits, sample_rows, prompt_rows)
         seq_lens = [s + n for s, n in zip(starts, num_tokens)]
         which = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(num_tokens))  # each token's request
@@ -118,16 +118,15 @@ class ModelRunner:
             if size not in self.prefill_graphs:
                 self.prefill_graphs[size] = PrefillGraph(self, size)
             graph = self.prefill_graphs[size]
-            logits = graph.replay(requests, tokens, which, positions, num_tokens, seq_lens, rows, fill)
+            logits = graph.replay(requests, tokens, fed, which, positions, num_tokens, seq_lens, rows)
             return StepLogits(logits, sample_rows, prompt_rows)
         tables = block_tables(requests, max(-(-n // self.pool.block_size) for n in seq_lens))
         slots = token_slots(tables, which, positions, self.pool.block_size)
-        to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
-        batch = self.batch(to(slots), num_tokens, seq_lens, to(tables))
+        batch = self.batch(to_device(slots, self.device), num_tokens, seq_lens, to_device(tables, self.device))
         ids = to_device(tokens, self.device, torch.long)
-        if fill is not None:
-            fill(ids)
-        logits = self.model(ids, to(positions), batch, to_device(rows, self.device, torch.long))
+        if feeding:
+            ids = feed_pending(ids, to_device(fed, self.device, torch.long), pending.tokens)
+        logits = self.model(ids, to_device(positions, self.device), batch, to_device(rows, self.device, torch.long))
         return StepLogits(logits, sample_rows, prompt_rows)
 
     def record_graphs(self) -> None:
@@ -142,12 +141,18 @@ class ModelRunner:
         for size in sorted(prefill_sizes - set(self.prefill_graphs), reverse=True):
             self.prefill_graphs[size] = PrefillGraph(self, size)
 
-    def decode_graph(self, requests: list[Request], tokens: list[int], starts: list[int], fill: Callable | None) -> torch.Tensor:
+    def decode_graph(self, requests: list[Request], tokens: list[int], fed: list[int], starts: list[int]) -> torch.Tensor:
         """A decode step as the replay of the graph of the next padded size."""
         size = next(s for s in self.graph_sizes if s >= len(requests))
         if size not in self.graphs:
             self.graphs[size] = DecodeGraph(self, size)
-        return self.graphs[size].replay(requests, tokens, starts, fill)[: len(requests)]
+        return self.graphs[size].replay(requests, tokens, fed, starts)[: len(requests)]
+
+
+def feed_pending(ids: torch.Tensor, fed: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The step's token ids, each whose entry in fed is a row (not -1) taken from tokens[row]: the tokens sampled by
+    the step in flight, still on the device."""
+    return torch.where(fed >= 0, tokens[fed.clamp(min=0)], ids)
 
 
 def block_tables(requests: list[Request], width: int) -> torch.Tensor:
@@ -230,36 +235,35 @@ class DecodeGraph:
 
     def __init__(self, runner: ModelRunner, size: int) -> None:
         device, self.block_size = runner.device, runner.pool.block_size
-        self.inputs = torch.zeros(2, size, dtype=torch.long, device=device)  # token ids, positions: one copy a step
-        # Two host buffers, one step each in turn: the copy from one may still be queued behind the step in flight.
-        self.host = torch.zeros(2, 2, size, dtype=torch.long, pin_memory=device.type == "cuda")
+        # Token ids, positions, pool slots, context lengths, pending rows (feed_pending): one copy a step, from one of
+        # two host buffers in turn (the copy from one may still be queued behind the step in flight).
+        self.inputs = torch.zeros(5, size, dtype=torch.long, device=device)
+        self.host = torch.zeros(2, 5, size, dtype=torch.long, pin_memory=device.type == "cuda")
         self.turn = 0
-        self.ids, self.positions = self.inputs
-        self.slots = torch.zeros(size, dtype=torch.long, device=device)
+        self.ids, self.positions, slots, seq_lens, self.fed = self.inputs
         self.tables = torch.zeros(size, runner.max_blocks, dtype=torch.int32, device=device)
         self.host_tables = [HostTables(size, runner.max_blocks, device.type == "cuda") for _ in range(2)]
-        self.batch = runner.batch(self.slots, [1] * size, [1] * size, self.tables)
-        self.forward = runner.decode_model
+        starts = torch.arange(size + 1, device=device)
+        self.batch = PagedBatch(
+            runner.backend, runner.pool.caches, slots, seq_lens, starts, self.tables, decode=True, dtype=runner.dtype
+        )  # fmt: skip
+        self.forward, self.feed = runner.decode_model, runner.feed
         self.recorded = RecordedStep(self.step, device)
 
     def step(self) -> torch.Tensor:
-        """The recorded step: each row's context length and pool slot from its position and block table, then the
-        model (so the host copies only the token ids, positions and block tables)."""
-        self.batch.seq_lens.copy_(self.positions + 1)
-        blocks = self.tables.gather(1, (self.positions // self.block_size)[:, None])[:, 0].long()
-        self.slots.copy_(blocks * self.block_size + self.positions % self.block_size)
-        return self.forward(self.ids, self.positions, self.batch)
+        return self.forward(feed_pending(self.ids, self.fed, self.feed), self.positions, self.batch)
 
-    def replay(self, requests: list[Request], tokens: list[int], starts: list[int], fill: Callable | None) -> torch.Tensor:
-        n = len(requests)
+    def replay(self, requests: list[Request], tokens: list[int], fed: list[int], starts: list[int]) -> torch.Tensor:
+        """The step's logits; each request's slot is found on the host, in its block table (a list)."""
+        n, size = len(requests), self.block_size
         tables = self.host_tables[self.turn].update(requests)
         host = self.host[self.turn]
         self.turn ^= 1
+        slots = [r.block_table[p // size] * size + p % size for r, p in zip(requests, starts)]
         host.zero_()
-        host[:, :n] = torch.tensor([tokens, starts])
+        host[:, :n] = torch.tensor([tokens, starts, slots, [p + 1 for p in starts], fed])
+        host[3, n:], host[4, n:] = 1, -1
         self.inputs.copy_(host, non_blocking=True)
-        if fill is not None:
-            fill(self.ids)
         self.tables.copy_(tables, non_blocking=True)
         return self.recorded()
 
@@ -273,7 +277,7 @@ class PrefillGraph:
         device, rows, self.block_size = runner.device, runner.max_rows, runner.pool.block_size
         self.queries, self.query_tiles = runner.tile_queries, runner.backend.kernels.query_tiles
         self.sizes = {  # the parts of the one input buffer (int64), copied from the host in one piece a step
-            "ids": size, "positions": size, "slots": size, "seq_lens": rows, "starts": rows + 1,
+            "ids": size, "fed": size, "positions": size, "slots": size, "seq_lens": rows, "starts": rows + 1,
             "tiles": 2 * (-(-size // self.queries) + rows), "singles": rows, "rows": min(rows, size),
         }  # fmt: skip
         self.inputs = torch.zeros(sum(self.sizes.values()), dtype=torch.long, device=device)
@@ -287,15 +291,16 @@ class PrefillGraph:
             runner.backend, runner.pool.caches, parts["slots"], parts["seq_lens"], parts["starts"], self.tables,
             decode=False, dtype=runner.dtype, tiles=parts["tiles"].view(2, -1), singles=parts["singles"],
         )  # fmt: skip
-        self.model = runner.model
+        self.model, self.feed = runner.model, runner.feed
         self.recorded = RecordedStep(self.step, device, runner.graph_pool)
 
     def step(self) -> torch.Tensor:
-        return self.model(self.parts["ids"], self.parts["positions"], self.batch, self.parts["rows"])
+        ids = feed_pending(self.parts["ids"], self.parts["fed"], self.feed)
+        return self.model(ids, self.parts["positions"], self.batch, self.parts["rows"])
 
     def replay(
-        self, requests: list[Request], tokens: list[int], which: torch.Tensor, positions: torch.Tensor,
-        query_lens: list[int], seq_lens: list[int], rows: list[int], fill: Callable | None,
+        self, requests: list[Request], tokens: list[int], fed: list[int], which: torch.Tensor, positions: torch.Tensor,
+        query_lens: list[int], seq_lens: list[int], rows: list[int],
     ) -> torch.Tensor:  # fmt: skip
         """The step's logits at `rows`: [len(rows), vocab]. which, positions: each token's request and position."""
         tables = self.host_tables[self.turn].update(requests)
@@ -305,6 +310,8 @@ class PrefillGraph:
         parts = dict(zip(self.sizes, host.split(list(self.sizes.values()))))
         n, r = len(tokens), len(query_lens)
         parts["ids"][:n] = torch.tensor(tokens)
+        parts["fed"][:n] = torch.tensor(fed)
+        parts["fed"][n:] = -1
         parts["positions"][:n] = positions
         parts["slots"][:n] = token_slots(tables, which, positions, self.block_size)
         parts["seq_lens"][:r] = torch.tensor(seq_lens)
@@ -319,7 +326,5 @@ class PrefillGraph:
         parts["singles"][len(singles) :] = -1
         parts["rows"][: len(rows)] = torch.tensor(rows)
         self.inputs.copy_(host, non_blocking=True)
-        if fill is not None:
-            fill(self.parts["ids"])
         self.tables.copy_(tables, non_blocking=True)
         return self.recorded()[: len(rows)]
