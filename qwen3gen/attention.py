@@ -51,8 +51,8 @@ def choose_backend(device: torch.device, kernels: bool = True) -> AttentionBacke
 
 def to_device(values: list | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A host list (or tensor) as a tensor on the device, copied without waiting for the work queued there: a plain
-    torch.tensor(values, device=...) waits for it, and so may a non-blocking copy from pageable memory (BENCHMARKS.md:
-    at 4 KB it waited for the queue), and with overlapped steps that is the step in flight. So on CUDA the values go
+    torch.tensor(values, device=...) waits for it, and so may a non-blocking copy of a small one from pageable memory
+    (BENCHMARKS.md, the copy test), and with overlapped steps that is the step in flight. So on CUDA the values go
     through pinned memory (PyTorch's pinned allocator keeps the buffer until the copy has run)."""
     host = torch.tensor(values, dtype=dtype) if not isinstance(values, torch.Tensor) else values.to(dtype or values.dtype)
     if device.type == "cuda":

@@ -105,7 +105,7 @@ def batch_one(device: str = "cuda") -> None:
     engine = Engine(random_model(cfg, dev, torch.bfloat16))
     engine.warm_up()
     steps = 300 if device == "cuda" else 20
-    for timed in (False, True):  # the first pass warms up
+    for _ in range(2):  # the first pass warms up
         engine.add_request(list(range(100, 132)), SamplingParams(max_new_tokens=steps, ignore_eos=True))
         engine.step()  # the prefill
         synchronize(dev)

@@ -14,12 +14,14 @@ set -uo pipefail
 export PYTHONPATH="$PWD:$PWD/.devdeps" PYTHONUNBUFFERED=1
 tok="$1" out="$2"
 shift 2
+engine=(check throughput batch64 batch1 ttft)
+serve=(serve-eager serve-compiled)
 steps=()
 for word in "${@:-engine}"; do
     case $word in
-        engine) steps+=(check throughput batch64 batch1 ttft) ;;
-        serve) steps+=(serve-eager serve-compiled) ;;
-        all) steps+=(check throughput batch64 batch1 ttft serve-eager serve-compiled) ;;
+        engine) steps+=("${engine[@]}") ;;
+        serve) steps+=("${serve[@]}") ;;
+        all) steps+=("${engine[@]}" "${serve[@]}") ;;
         *) steps+=("$word") ;;
     esac
 done
@@ -35,7 +37,7 @@ for step in "${steps[@]}"; do
         throughput) bench bench-throughput 190 --throughput --engines qwen3gen,qwen3gen-compiled ;;
         batch64) bench bench-batch64 140 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 \
             --engines transformers,qwen3gen,qwen3gen-compiled ;;
-        batch1) bench bench-batch1 90 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 \
+        batch1) bench bench-batch1 150 --prompt-tokens 32 --new-tokens 256 --batch 1 --reps 3 \
             --engines transformers,qwen3gen,qwen3gen-compiled ;;
         ttft) bench bench-ttft1024 45 --prompt-tokens 1024 --new-tokens 16 --batch 1 --reps 5 --engines transformers,qwen3gen ;;
         profile1) timeout 90 python3 scripts/gpu_profile.py batch1 > "$out/profile-batch1.log" 2>&1 ;;
