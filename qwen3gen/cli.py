@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import signal
 import sys
@@ -283,16 +284,21 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise InvalidParameterError(f"--max-queue must be >= 0, not {args.max_queue}.")
 
 
-def run_serve(llm: LLM, args: argparse.Namespace) -> None:
-    """Serve until Ctrl-C or SIGTERM. uvicorn handles both: it stops accepting, the app aborts what is left and ends
-    its engine thread, then uvicorn raises the signal again, so that the process ends as that signal says."""
+def run_serve(args: argparse.Namespace) -> None:
+    """Serve until Ctrl-C or SIGTERM. The engine process loads the model (and records every step graph) before the
+    server listens. uvicorn handles both signals: it stops accepting, the app aborts what is left and ends the engine
+    process, then uvicorn raises the signal again, so that the process ends as that signal says."""
     import uvicorn
 
-    from .server import create_app
+    from .llm import load
+    from .server import EngineProcess, create_app
 
     name = args.served_model_name or args.model
-    llm.engine.warm_up()  # every step graph recorded before the first request, not during it
-    app = create_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
+    build = functools.partial(
+        load, args.model, device=args.device, dtype=args.dtype, compile=args.compile, quantization=args.quantize,
+        **engine_kwargs(args),
+    )  # fmt: skip
+    app = create_app(EngineProcess(build, max_queue=args.max_queue), name, api_key=args.api_key)
     app.router.add_event_handler("shutdown", lambda: print("qwen3gen: server stopped", file=sys.stderr, flush=True))
     print(f"qwen3gen: serving {name} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -324,14 +330,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             run_bench_command(args)
             return 0
-        if args.command == "generate":
-            check_generate_args(args)
         if args.command == "serve":
             check_serve_args(args)
-        else:  # generate, chat: their sampling flags, checked before a load of many seconds
-            from .sampling import SamplingParams
+            run_serve(args)
+            return 0
+        if args.command == "generate":
+            check_generate_args(args)
+        from .sampling import SamplingParams
 
-            SamplingParams(**{k: v for k, v in sampling_kwargs(args).items() if v is not None})
+        SamplingParams(**{k: v for k, v in sampling_kwargs(args).items() if v is not None})
         from .llm import load
 
         with sigint_for_the_main_thread(args.command == "chat"):
@@ -343,8 +350,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 llm.generate([0, 1], max_new_tokens=2, temperature=0.0, ignore_eos=True)
         if args.command == "generate":
             run_generate(llm, args)
-        elif args.command == "serve":
-            run_serve(llm, args)
         else:
             run_chat(llm, args)
     except Qwen3GenError as err:

@@ -201,17 +201,7 @@ class LLM:
             self.engine.eos_ids = self._eos_token_ids
 
     def default_sampling(self) -> SamplingParams:
-        """The checkpoint's own defaults (generation_config.json): greedy unless it says do_sample."""
-        gen = self.generation_config
-        if not gen.get("do_sample", False):
-            return SamplingParams()
-        return SamplingParams(
-            temperature=gen.get("temperature", 1.0),
-            top_k=gen.get("top_k") or 0,
-            top_p=gen.get("top_p") or 1.0,
-            min_p=gen.get("min_p") or 0.0,
-            repetition_penalty=gen.get("repetition_penalty") or 1.0,
-        )
+        return default_sampling(self.generation_config)
 
     def sampling_params(self, **overrides: object) -> SamplingParams:
         """Checkpoint defaults with the caller's non-None values on top."""
@@ -219,18 +209,7 @@ class LLM:
         return replace(self.default_sampling(), **given)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            try:
-                ids = self.tokenizer.encode(prompt)
-            except UnicodeEncodeError:
-                raise InvalidParameterError("the prompt is not valid Unicode text (it holds a lone surrogate).") from None
-        elif isinstance(prompt, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-            ids = list(prompt)
-        else:
-            raise InvalidParameterError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}.")
-        if not ids:
-            raise InvalidParameterError("the prompt is empty.")
-        return ids
+        return encode_prompt(self.tokenizer, prompt)
 
     def start(self, prompts: list[list[int]], params: list[SamplingParams], stream: bool) -> Run:
         """Add every request to the engine (all or none: a refused one takes back the ones added before it). Not
@@ -309,6 +288,36 @@ class LLM:
         for _ in stream:
             pass
         return stream.result
+
+
+def default_sampling(generation_config: dict) -> SamplingParams:
+    """A checkpoint's own defaults (generation_config.json): greedy unless it says do_sample."""
+    gen = generation_config
+    if not gen.get("do_sample", False):
+        return SamplingParams()
+    return SamplingParams(
+        temperature=gen.get("temperature", 1.0),
+        top_k=gen.get("top_k") or 0,
+        top_p=gen.get("top_p") or 1.0,
+        min_p=gen.get("min_p") or 0.0,
+        repetition_penalty=gen.get("repetition_penalty") or 1.0,
+    )
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
+    """A prompt's token ids, from its text or as given; InvalidParameterError for an empty or malformed one."""
+    if isinstance(prompt, str):
+        try:
+            ids = tokenizer.encode(prompt)
+        except UnicodeEncodeError:
+            raise InvalidParameterError("the prompt is not valid Unicode text (it holds a lone surrogate).") from None
+    elif isinstance(prompt, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+        ids = list(prompt)
+    else:
+        raise InvalidParameterError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}.")
+    if not ids:
+        raise InvalidParameterError("the prompt is empty.")
+    return ids
 
 
 def opens_thinking(tokenizer: Tokenizer, prompt: list[int]) -> bool:

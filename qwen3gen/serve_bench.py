@@ -1,8 +1,8 @@
 """`qwen3gen bench --serve`: the server under load over HTTP, against the offline engine on the same requests.
 
-The server (uvicorn in a thread, the engine in its own) runs in this process; the clients run in a child process (so
-that their parsing does not take the engine's interpreter lock), as asyncio tasks over httpx, each request streamed
-with its own max_tokens and EOS ignored. Two workloads: the offline throughput workload (bench --throughput's
+The server (uvicorn in a thread) runs in this process, its engine in a process of its own (as `qwen3gen serve` runs
+them); the clients run in up to CLIENT_PROCESSES processes of their own, as asyncio tasks over httpx, each request
+streamed with its own max_tokens and EOS ignored. Two workloads: the offline throughput workload (bench --throughput's
 requests, all sent at once), and a latency workload at several concurrencies (each client sends its next request when
 its last one ends). Per row: output tokens/s over HTTP and in the offline engine (same requests, as many running at
 once), their ratio, and time to first token and inter-token latency percentiles as the clients saw them.
@@ -11,8 +11,10 @@ once), their ratio, and time to first token and inter-token latency percentiles 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import multiprocessing
+import multiprocessing.pool
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from .loaders.checkpoint import default_dtype, parse_device, parse_dtype
 from .tokenizer import Tokenizer
 
 MODEL_NAME = "bench"
+CLIENT_PROCESSES = 4  # the clients' parsing, spread so that they are not what the benchmark measures
 
 
 @dataclass
@@ -108,6 +111,28 @@ def latency_defaults(device: torch.device) -> dict:
     return dict(concurrencies=(1, 2, 4), prompt_range=(16, 64), output_tokens=16, short_prompt=16)
 
 
+def bench_llm(
+    model_name: str | None, preset_name: str, dev: torch.device, dt: torch.dtype, tokenizer_dir: str | None,
+    **options: object,
+) -> LLM:  # fmt: skip
+    """The server's LLM, built in its engine process: the checkpoint's, or the same random weights as the offline
+    engine's."""
+    model, checkpoint_dir = load_bench_model(model_name, preset_name, dev, dt)
+    return LLM(model, Tokenizer.from_dir(checkpoint_dir or tokenizer_dir), {}, **options)
+
+
+def drive_all(
+    clients: multiprocessing.pool.Pool, url: str, prompts: list[list[int]], lengths: list[int], concurrency: int
+) -> tuple[float, list, int]:  # fmt: skip
+    """The requests spread over the client processes, each with its share of the concurrency, started together.
+    (wall s, per-request results, output tokens)."""
+    count = min(CLIENT_PROCESSES, concurrency, len(prompts))
+    jobs = [clients.apply_async(drive, (url, prompts[i::count], lengths[i::count], len(range(i, concurrency, count))))
+            for i in range(count)]  # fmt: skip
+    done = [job.get() for job in jobs]
+    return max(d[0] for d in done), [r for d in done for r in d[1]], sum(d[2] for d in done)
+
+
 def run_serve_bench(
     model_name: str | None = None,
     tokenizer_dir: str | None = None,
@@ -120,7 +145,7 @@ def run_serve_bench(
     on_row=None,  # noqa: ANN001
 ) -> tuple[dict, list[ServeRow]]:
     """Both workloads over HTTP and offline; on_row(setup, row) sees each row as it is measured."""
-    from .server import create_app
+    from .server import EngineProcess, create_app
     from .server.thread import ServerThread
 
     if model_name is None and tokenizer_dir is None:
@@ -128,7 +153,6 @@ def run_serve_bench(
     dev = parse_device(device)
     dt = parse_dtype(dtype) or default_dtype(dev)
     model, checkpoint_dir = load_bench_model(model_name, preset_name, dev, dt)
-    tokenizer = Tokenizer.from_dir(checkpoint_dir or tokenizer_dir)
     cfg = model.config
     throughput = throughput_defaults(dev)
     latency = latency_defaults(dev)
@@ -149,8 +173,9 @@ def run_serve_bench(
              "torch": torch.__version__}  # fmt: skip
     rows: list[ServeRow] = []
     context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as clients:
-        clients.apply(percentiles, ([1.0],))  # the child's imports done before anything is timed
+    with context.Pool(CLIENT_PROCESSES) as clients:
+        for job in [clients.apply_async(percentiles, ([1.0],)) for _ in range(CLIENT_PROCESSES)]:
+            job.get()  # the clients' imports done before anything is timed
         for name, concurrency, prompts, lengths in workloads:
             warmup = warmup_workload(dev, min(concurrency, len(prompts)), cfg.vocab_size, seed + 1)
             free_memory(dev)
@@ -161,17 +186,20 @@ def run_serve_bench(
             offline_rate = produced / wall
             offline = None
             free_memory(dev)
-            llm = LLM(model, tokenizer, {}, compile=compile, max_running=concurrency, kv_memory=kv_memory)
-            llm.engine.warm_up()
-            server = ServerThread(create_app(llm, MODEL_NAME))
+            options = dict(compile=compile, max_running=concurrency, kv_memory=kv_memory)
+            build = functools.partial(bench_llm, model_name, preset_name, dev, dt, tokenizer_dir, **options)
+            engine = EngineProcess(build)
             try:
-                url = server.url + "/v1/completions"
-                clients.apply(drive, (url, *warmup, concurrency))  # connections, and the graphs of every batch size
-                llm.engine.reset_prefix_cache()
-                http_wall, results, tokens = clients.apply(drive, (url, prompts, lengths, concurrency))
+                server = ServerThread(create_app(engine, MODEL_NAME))
+                try:
+                    url = server.url + "/v1/completions"
+                    drive_all(clients, url, *warmup, concurrency)  # connections, and the graphs of every batch size
+                    engine.reset_prefix_cache()
+                    http_wall, results, tokens = drive_all(clients, url, prompts, lengths, concurrency)
+                finally:
+                    server.stop()
             finally:
-                server.stop()
-                llm = None
+                engine.stop()  # ended with the server already, unless the server did not start
             ttft = percentiles([r[0] * 1e3 for r in results])
             itl = percentiles([g * 1e3 for r in results for g in r[1]])
             rate = tokens / http_wall

@@ -136,14 +136,20 @@ class Tokenizer:
         # Passed to the template as variables (eos_token, ...), like transformers' special_tokens_map.
         self._special_tokens = dict(special_tokens or {})
         self.chat_template = chat_template
+        self._template_origin = template_origin or Path("<chat_template>")
         self._compiled_template = (
-            _compile_chat_template(chat_template, template_origin or Path("<chat_template>"))
-            if chat_template is not None
-            else None
+            _compile_chat_template(chat_template, self._template_origin) if chat_template is not None else None
         )
         self.bos_token_id = self._special_id("bos_token")
         self.eos_token_id = self._special_id("eos_token")
         self.pad_token_id = self._special_id("pad_token")
+
+    def __reduce__(self) -> tuple:
+        """Pickled as what built it (the server's engine process sends its tokenizer to the HTTP side): a compiled
+        template does not pickle, so it is compiled again."""
+        options = {"special_tokens": self._special_tokens, "chat_template": self.chat_template,
+                   "template_origin": self._template_origin}  # fmt: skip
+        return _rebuild_tokenizer, (self._backend, options)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -239,6 +245,10 @@ class Tokenizer:
         except jinja2.TemplateError as exc:
             raise InvalidParameterError(f"The chat template could not render these messages: {exc}.") from exc
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _rebuild_tokenizer(backend: _BackendTokenizer, options: dict[str, Any]) -> Tokenizer:
+    return Tokenizer(backend, **options)
 
 
 class IncrementalDetokenizer:

@@ -5,12 +5,10 @@ the test (.ci/run installs it), never skips it."""
 import shutil
 
 import pytest
-import torch
+from scripted import ScriptedLLM
 from test_server import MODEL, Server
 
-import qwen3gen
-from qwen3gen.engine.sampler import Sampled
-from qwen3gen.server import create_app
+from qwen3gen.server import EngineProcess, create_app
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -32,30 +30,12 @@ def browser():
     driver.quit()
 
 
-def test_chat_page_streams_the_thinking_apart_from_the_answer(tiny_checkpoint, browser, monkeypatch):
+def test_chat_page_streams_the_thinking_apart_from_the_answer(tiny_checkpoint, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    llm = qwen3gen.load(tiny_checkpoint, device="cpu", dtype="float32", kv_memory="16MiB")
-    replies = iter([
-        llm.tokenizer.encode("<think>\nThe user greets me.\n</think>\n\nHello there!") + [151645],
-        llm.tokenizer.encode("Second answer.") + [151645],
-    ])  # fmt: skip
-    reply = iter(())
-
-    def sample(requests, logits):
-        nonlocal reply
-        tokens = []
-        for _ in requests:
-            token = next(reply, None)
-            if token is None:
-                reply = iter(next(replies))
-                token = next(reply)
-            tokens.append(token)
-        return Sampled.of(torch.tensor(tokens), [], [], [])
-
-    monkeypatch.setattr(llm.engine.sampler, "sample", sample)
-    server = Server(create_app(llm, MODEL))
+    replies = ["<think>\nThe user greets me.\n</think>\n\nHello there!", "Second answer."]
+    server = Server(create_app(EngineProcess(ScriptedLLM(tiny_checkpoint, replies)), MODEL))
     try:
         browser.get(server.url + "/")
         wait = WebDriverWait(browser, 30)

@@ -3,6 +3,7 @@ these tests (the tiny random-weight checkpoint with the real tokenizer): the sam
 or not, many clients at once, reasoning split, and an OpenAI error object for every bad input."""
 
 import concurrent.futures
+import functools
 import json
 import socket
 import time
@@ -10,22 +11,27 @@ import time
 import httpx
 import openai
 import pytest
-import torch
+from scripted import ScriptedLLM
 
 import qwen3gen
-from qwen3gen.engine.sampler import Sampled
-from qwen3gen.server import create_app
+from qwen3gen.server import EngineProcess, create_app
 from qwen3gen.server.thread import ServerThread as Server
 
 MODEL = "tiny-qwen3"
 PROMPT = "The capital of France is"
 
 
+def engine_process(checkpoint, kv_memory: str = "64MiB", max_queue: int | None = None) -> EngineProcess:
+    """The tiny checkpoint in an engine process of its own, as `qwen3gen serve` runs it."""
+    build = functools.partial(qwen3gen.load, checkpoint, device="cpu", dtype="float32", kv_memory=kv_memory)
+    return EngineProcess(build, max_queue=max_queue)
+
+
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint):
-    llm = qwen3gen.load(tiny_checkpoint, device="cpu", dtype="float32", kv_memory="64MiB")
-    server = Server(create_app(llm, MODEL))
-    yield llm, server
+    engine = engine_process(tiny_checkpoint)
+    server = Server(create_app(engine, MODEL))
+    yield engine, server
     server.stop()
 
 
@@ -34,9 +40,9 @@ def client(served):
     return openai.OpenAI(base_url=served[1].url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def wait_for_idle(llm, seconds: float = 10) -> None:
+def wait_for_idle(engine: EngineProcess, seconds: float = 10) -> None:
     deadline = time.monotonic() + seconds
-    while llm.engine.has_unfinished() or llm.engine.stats()["kv_blocks_used"]:
+    while (stats := engine.stats())["running"] or stats["waiting"] or stats["kv_blocks_used"]:
         assert time.monotonic() < deadline, "the engine still holds requests or blocks"
         time.sleep(0.01)
 
@@ -47,19 +53,19 @@ def test_models_and_health(served, client):
 
 
 def test_completion_equals_the_python_api_streamed_or_not(tiny_llm, served, client):
-    llm = served[0]
+    engine = served[0]
     expected = tiny_llm.generate(PROMPT, max_new_tokens=12, temperature=0.0, ignore_eos=True)
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
     assert out.choices[0].text == expected.text and out.choices[0].finish_reason == "length"
-    prompt_tokens = len(llm.tokenizer.encode(PROMPT))
+    prompt_tokens = len(engine.model.tokenizer.encode(PROMPT))
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (prompt_tokens, 12)
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))  # fmt: skip
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
     assert chunks[-1].usage.completion_tokens == 12 and [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    ids = llm.tokenizer.encode(PROMPT)
+    ids = engine.model.tokenizer.encode(PROMPT)
     by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0, echo=True, extra_body={"ignore_eos": True})
-    assert by_ids.choices[0].text == llm.tokenizer.decode(ids) + expected.text
+    assert by_ids.choices[0].text == engine.model.tokenizer.decode(ids) + expected.text
 
 
 def test_chat_equals_the_python_api(tiny_llm, served, client):
@@ -74,13 +80,13 @@ def test_chat_equals_the_python_api(tiny_llm, served, client):
 
 
 def test_n_seeds_stops_and_logprobs(tiny_llm, served, client):
-    llm = served[0]
+    engine = served[0]
     kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=1.0, seed=11, n=3, extra_body={"ignore_eos": True})
     first, again = client.completions.create(**kwargs), client.completions.create(**kwargs)
     texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
     assert texts == [c.text for c in sorted(again.choices, key=lambda c: c.index)] and len(set(texts)) == 3
     assert texts == [g.text for g in tiny_llm.generate(PROMPT, max_new_tokens=10, temperature=1.0, seed=11, n=3, ignore_eos=True)]
-    assert first.usage.prompt_tokens == len(llm.tokenizer.encode(PROMPT)) and first.usage.completion_tokens == 30
+    assert first.usage.prompt_tokens == len(engine.model.tokenizer.encode(PROMPT)) and first.usage.completion_tokens == 30
     free = tiny_llm.generate(PROMPT, max_new_tokens=12, temperature=0.0, ignore_eos=True).text
     stop = free[len(free) // 2 : len(free) // 2 + 3]
     stopped = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
@@ -94,29 +100,27 @@ def test_n_seeds_stops_and_logprobs(tiny_llm, served, client):
     assert len(text_lp.choices[0].logprobs.token_logprobs) == 4 and all(len(t) <= 2 for t in text_lp.choices[0].logprobs.top_logprobs)
 
 
-def test_reasoning_is_returned_apart_in_both_fields(served, client, monkeypatch):
-    llm = served[0]
+def test_reasoning_is_returned_apart_in_both_fields(tiny_checkpoint):
+    reply = "<think>\nTwo plus two is four.\n</think>\n\nIt is 4."
+    server = Server(create_app(EngineProcess(ScriptedLLM(tiny_checkpoint, [reply, reply])), MODEL))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     messages = [{"role": "user", "content": "2+2?"}]
-
-    def script():
-        reply = iter(llm.tokenizer.encode("<think>\nTwo plus two is four.\n</think>\n\nIt is 4.") + [151645])
-        sample = lambda requests, logits: Sampled.of(torch.tensor([next(reply) for _ in requests]), [], [], [])  # noqa: E731
-        monkeypatch.setattr(llm.engine.sampler, "sample", sample)
-
-    script()
-    out = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=50)
-    message = out.choices[0].message
-    assert message.content == "It is 4." and out.choices[0].finish_reason == "stop"
-    assert message.model_extra["reasoning_content"] == message.model_extra["reasoning"] == "Two plus two is four."
-    script()
-    deltas = [c.choices[0].delta for c in client.chat.completions.create(model=MODEL, messages=messages, stream=True) if c.choices]
-    thinking = "".join(d.model_extra.get("reasoning_content") or "" for d in deltas)
-    assert thinking == "".join(d.model_extra.get("reasoning") or "" for d in deltas)
-    assert thinking.strip() == "Two plus two is four." and "".join(d.content or "" for d in deltas).strip() == "It is 4."
+    try:
+        out = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=50)
+        message = out.choices[0].message
+        assert message.content == "It is 4." and out.choices[0].finish_reason == "stop"
+        assert message.model_extra["reasoning_content"] == message.model_extra["reasoning"] == "Two plus two is four."
+        chunks = client.chat.completions.create(model=MODEL, messages=messages, stream=True)
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        thinking = "".join(d.model_extra.get("reasoning_content") or "" for d in deltas)
+        assert thinking == "".join(d.model_extra.get("reasoning") or "" for d in deltas)
+        assert thinking.strip() == "Two plus two is four." and "".join(d.content or "" for d in deltas).strip() == "It is 4."
+    finally:
+        server.stop()
 
 
 def test_thirty_two_concurrent_streams_equal_their_offline_outputs(tiny_llm, served, client):
-    llm = served[0]
+    engine = served[0]
     prompts = [f"Story number {i}:" for i in range(32)]
     expected = [g.text for g in tiny_llm.generate(prompts, max_new_tokens=8, temperature=0.0, ignore_eos=True)]
 
@@ -126,19 +130,19 @@ def test_thirty_two_concurrent_streams_equal_their_offline_outputs(tiny_llm, ser
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         assert list(pool.map(one, prompts)) == expected
-    wait_for_idle(llm)
+    wait_for_idle(engine)
 
 
 def test_a_client_gone_mid_stream_frees_its_blocks(served):
-    llm, server = served
-    free = llm.engine.stats()["kv_blocks_free"]
+    engine, server = served
+    free = engine.stats()["kv_blocks_free"]
     body = {"model": MODEL, "prompt": PROMPT * 20, "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
-        assert llm.engine.stats()["kv_blocks_free"] < free
-    wait_for_idle(llm)
-    assert llm.engine.stats()["kv_blocks_free"] == free
+        assert engine.stats()["kv_blocks_free"] < free
+    wait_for_idle(engine)
+    assert engine.stats()["kv_blocks_free"] == free
 
 
 BAD = [
@@ -175,8 +179,7 @@ def test_bad_requests_get_an_openai_error_and_the_server_goes_on(served, client,
 
 
 def test_api_key_and_queue_limit(tiny_checkpoint):
-    llm = qwen3gen.load(tiny_checkpoint, device="cpu", dtype="float32", kv_memory="16MiB")
-    server = Server(create_app(llm, MODEL, api_key="secret", max_queue=0))
+    server = Server(create_app(engine_process(tiny_checkpoint, "16MiB", max_queue=0), MODEL, api_key="secret"))
     try:
         body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
         for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -192,12 +195,12 @@ def test_api_key_and_queue_limit(tiny_checkpoint):
 
 
 def test_tokenize_detokenize_and_several_prompts(tiny_llm, served, client):
-    llm, server = served
+    engine, server = served
     ids = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}).json()
-    assert ids["tokens"] == llm.tokenizer.encode(PROMPT) and ids["count"] == len(ids["tokens"]) and ids["max_model_len"] == 512
+    assert ids["tokens"] == engine.model.tokenizer.encode(PROMPT) and ids["count"] == len(ids["tokens"]) and ids["max_model_len"] == 512
     assert httpx.post(server.url + "/detokenize", json={"tokens": ids["tokens"]}).json() == {"prompt": PROMPT}
     chat = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()["tokens"]
-    assert chat == llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert chat == engine.model.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     out = client.completions.create(model=MODEL, prompt=[PROMPT, "Hi"], max_tokens=3, temperature=0, n=2, extra_body={"ignore_eos": True})
     texts = {c.index: c.text for c in out.choices}
     expected = tiny_llm.generate([PROMPT, "Hi"], max_new_tokens=3, temperature=0.0, ignore_eos=True)
@@ -250,7 +253,7 @@ def test_metrics_parse_and_move(served, client):
     after = scrape()
     moved = lambda name, labels=(): after.get((name, labels), 0) - before.get((name, labels), 0)  # noqa: E731
     assert moved("qwen3gen_requests_total", (("finish_reason", "length"),)) >= 1
-    assert moved("qwen3gen_generation_tokens_total") >= 5 and moved("qwen3gen_prompt_tokens_total") >= len(served[0].tokenizer.encode(PROMPT))
+    assert moved("qwen3gen_generation_tokens_total") >= 5 and moved("qwen3gen_prompt_tokens_total") >= len(served[0].model.tokenizer.encode(PROMPT))
     assert moved("qwen3gen_time_to_first_token_seconds_count") >= 1 and moved("qwen3gen_inter_token_latency_seconds_count") >= 4
     for gauge in ("requests_running", "requests_waiting", "kv_cache_usage_ratio", "prefix_cache_hit_ratio"):
         assert (f"qwen3gen_{gauge}", ()) in after
@@ -265,10 +268,51 @@ def aborted_requests(url: str) -> float:
 
 
 def test_a_client_gone_before_a_whole_answer_frees_its_blocks(served):
-    llm, server = served
-    free, before = llm.engine.stats()["kv_blocks_free"], aborted_requests(server.url)
+    engine, server = served
+    free, before = engine.stats()["kv_blocks_free"], aborted_requests(server.url)
     body = {"model": MODEL, "prompt": PROMPT * 20, "max_tokens": 380, "n": 4, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # about 2.5 s of work here
         httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
-    wait_for_idle(llm)
-    assert llm.engine.stats()["kv_blocks_free"] == free and aborted_requests(server.url) - before == 4
+    wait_for_idle(engine)
+    assert engine.stats()["kv_blocks_free"] == free and aborted_requests(server.url) - before == 4
+
+
+def test_outputs_queued_up_for_a_busy_handler_come_as_one():
+    from qwen3gen.engine import RequestOutput
+    from qwen3gen.server.app import coalesced
+    from qwen3gen.server.engine_process import EngineFailure
+
+    a1 = RequestOutput("a", [1], False, None, logprobs=[(1, -0.1, [])], text="x", prompt_logprobs=[None])
+    b1 = RequestOutput("b", [5], False, None, text="q")
+    a2 = RequestOutput("a", [2, 3], True, "length", logprobs=[(2, -0.2, []), (3, -0.3, [])], text="yz", num_cached_tokens=4)
+    a = RequestOutput("a", [1, 2, 3], True, "length", logprobs=[(1, -0.1, []), (2, -0.2, []), (3, -0.3, [])], text="xyz",
+                      prompt_logprobs=[None], num_cached_tokens=4)  # fmt: skip
+    assert coalesced([a1, b1, a2]) == [a, b1]
+    failure = EngineFailure("gone")
+    assert coalesced([a1, failure, b1]) == [a1, failure]
+
+
+def test_a_model_the_engine_process_cannot_load_raises_its_own_error(tmp_path):
+    with pytest.raises(qwen3gen.ModelNotFoundError):
+        EngineProcess(functools.partial(qwen3gen.load, str(tmp_path / "missing"), device="cpu"))
+
+
+def test_an_engine_process_gone_is_a_503_and_its_stream_ends_with_an_error(tiny_checkpoint):
+    import os
+    import signal
+
+    engine = engine_process(tiny_checkpoint, "16MiB")
+    server = Server(create_app(engine, MODEL))
+    try:
+        body = {"model": MODEL, "prompt": PROMPT * 20, "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            os.kill(engine.pid, signal.SIGKILL)
+            last = [line for line in lines if line.startswith("data:")][-1]
+        assert json.loads(last[6:])["error"]["message"] == "the engine process has stopped."
+        refused = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["message"] == "the engine process has stopped."
+        assert httpx.get(server.url + "/health").status_code == 503
+    finally:
+        server.stop()

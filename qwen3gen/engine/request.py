@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..sampling import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
@@ -38,6 +38,15 @@ class RequestOutput:
     text: str = ""
     prompt_logprobs: list[Logprob | None] | None = None  # once, when the prompt is done: None for its first token
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+
+    def followed_by(self, later: RequestOutput) -> RequestOutput:
+        """This output and the request's next one as one (a consumer that fell behind takes both at once)."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = (self.logprobs or []) + (later.logprobs or [])
+        prompt_logprobs = self.prompt_logprobs if later.prompt_logprobs is None else later.prompt_logprobs
+        tokens, text = self.new_token_ids + later.new_token_ids, self.text + later.text
+        return replace(later, new_token_ids=tokens, logprobs=logprobs, text=text, prompt_logprobs=prompt_logprobs)
 
 
 class TextState:

@@ -1,5 +1,6 @@
-"""`qwen3gen serve`: an OpenAI-compatible HTTP server over the engine (FastAPI on uvicorn)."""
+"""`qwen3gen serve`: an OpenAI-compatible HTTP server (FastAPI on uvicorn) over the engine in a process of its own."""
 
 from .app import create_app
+from .engine_process import EngineProcess
 
-__all__ = ["create_app"]
+__all__ = ["EngineProcess", "create_app"]

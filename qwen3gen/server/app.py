@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API over one loaded model: chat and text completions (streamed as server-sent events or
 not), models, health, tokenize and detokenize. The handlers only add, stream and abort requests: the engine runs in
-its own thread (engine_loop.py). Every failure a client can cause is an OpenAI error object with a 4xx status.
+a process of its own (engine_process.py). Every failure a client can cause is an OpenAI error object with a 4xx status.
 /metrics is Prometheus' text format (metrics.py); / is a chat page (static/chat.html: no build step, no CDN)."""
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..engine import RequestOutput
 from ..errors import ContextLengthError, EngineError, InvalidParameterError, OutOfMemoryError, QueueFullError
-from ..llm import LLM, ReasoningSplitter, opens_thinking, sample_params
+from ..llm import ReasoningSplitter, default_sampling, encode_prompt, opens_thinking, sample_params
 from ..sampling import SamplingParams
-from .engine_loop import EngineFailure, EngineLoop
+from .engine_process import EngineFailure, EngineProcess
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -101,15 +101,25 @@ class Choice:
     last_output_at: float = field(default_factory=time.perf_counter)  # arrival, then each output
 
 
-def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue: int | None = None) -> FastAPI:
-    """The app for one loaded model, answering to `model_name`; its engine thread starts now and stops with the app."""
-    loop = EngineLoop(llm.engine, max_queue)
-    tokenizer, context = llm.tokenizer, llm.model.config.max_position_embeddings
+def coalesced(items: list) -> list:
+    """Queued outputs with those of one request merged, in the order each request first appears; a failure ends the
+    list (it ends the response)."""
+    merged: dict[str, RequestOutput] = {}
+    for item in items:
+        if isinstance(item, EngineFailure):
+            return [*merged.values(), item]
+        before = merged.get(item.request_id)
+        merged[item.request_id] = item if before is None else before.followed_by(item)
+    return list(merged.values())
+
+
+def create_app(engine: EngineProcess, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The app for the model of a started engine process, answering to `model_name`; the process stops with the app."""
+    tokenizer, context, defaults = engine.model.tokenizer, engine.model.context, engine.model.generation_config
     created = int(time.time())
     app = FastAPI(title="qwen3gen", docs_url=None, redoc_url=None)
-    metrics = Metrics(llm.engine)
-    app.state.engine_loop = loop
-    app.router.add_event_handler("shutdown", loop.stop)
+    metrics = Metrics(lambda: engine.last_stats)
+    app.router.add_event_handler("shutdown", engine.stop)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -138,13 +148,13 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
 
     def params_of(body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
         try:
-            return body.params(llm.default_sampling())
+            return body.params(default_sampling(defaults))
         except InvalidParameterError as error:
             raise APIError(400, str(error)) from None
 
     def encode(prompt: str | list[int]) -> list[int]:
         try:
-            return llm.encode_prompt(prompt)
+            return encode_prompt(tokenizer, prompt)
         except InvalidParameterError as error:
             raise APIError(400, str(error), param="prompt") from None
 
@@ -158,7 +168,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
             for p, prompt in enumerate(prompts):
                 for i in range(n):
                     request_id = uuid.uuid4().hex
-                    loop.add(request_id, prompt, sample_params(params, i), queue)
+                    await engine.add(request_id, prompt, sample_params(params, i), queue)
                     choices[request_id] = Choice(p * n + i, p, len(prompt))
         except tuple(REFUSALS) as error:
             abort(choices)
@@ -169,7 +179,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
     def abort(choices: dict[str, Choice]) -> None:
         for request_id, choice in choices.items():
             if choice.finish_reason is None:
-                loop.abort(request_id)
+                engine.abort(request_id)
                 choice.finish_reason = "abort"
                 metrics.finished("abort", choice.prompt_tokens)
 
@@ -177,7 +187,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
         choices: dict[str, Choice], queue: asyncio.Queue, client: Request | None = None
     ) -> AsyncIterator[tuple[Choice, RequestOutput]]:  # fmt: skip
         """Each output as it comes, with its choice brought up to date; aborts what is left if the caller stops, or,
-        given the client's request (a response sent only at the end), once the client has gone."""
+        given the client's request (a response sent only at the end), once the client has gone. The outputs of one
+        request that have queued up while the caller was busy come as one (fewer, larger events when behind)."""
         left, checked = len(choices), time.perf_counter()
         try:
             while left:
@@ -186,22 +197,23 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
                     if await client.is_disconnected():
                         return
                 try:
-                    item = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S) if client else await queue.get()
+                    first = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S) if client else await queue.get()
                 except asyncio.TimeoutError:
                     continue
-                if isinstance(item, EngineFailure):
-                    raise APIError(500, item.message, "server_error")
-                choice, now = choices[item.request_id], time.perf_counter()
-                metrics.tokens(len(item.new_token_ids), now - choice.last_output_at, first=not choice.tokens)
-                choice.last_output_at = now
-                choice.tokens += item.new_token_ids
-                choice.logprobs += item.logprobs or []
-                choice.cached_tokens = item.num_cached_tokens
-                if item.finished:
-                    choice.finish_reason = "length" if item.finish_reason == "length" else "stop"
-                    metrics.finished(choice.finish_reason, choice.prompt_tokens)
-                    left -= 1
-                yield choice, item
+                for item in coalesced([first] + [queue.get_nowait() for _ in range(queue.qsize())]):
+                    if isinstance(item, EngineFailure):
+                        raise APIError(500, item.message, "server_error")
+                    choice, now = choices[item.request_id], time.perf_counter()
+                    metrics.tokens(len(item.new_token_ids), now - choice.last_output_at, first=not choice.tokens)
+                    choice.last_output_at = now
+                    choice.tokens += item.new_token_ids
+                    choice.logprobs += item.logprobs or []
+                    choice.cached_tokens = item.num_cached_tokens
+                    if item.finished:
+                        choice.finish_reason = "length" if item.finish_reason == "length" else "stop"
+                        metrics.finished(choice.finish_reason, choice.prompt_tokens)
+                        left -= 1
+                    yield choice, item
         finally:
             abort(choices)
 
@@ -253,10 +265,13 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
 
     @app.get("/health")
     async def health() -> dict:
+        if not engine.alive:
+            raise APIError(503, "the engine process has stopped.", "server_error", code="engine_dead")
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        await engine.current_stats()  # brings engine.last_stats up to date
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -280,7 +295,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
         check_model(body.model)
-        if any(not 0 <= t < llm.model.config.vocab_size for t in body.tokens):
+        if any(not 0 <= t < engine.model.vocab_size for t in body.tokens):
             raise APIError(400, "a token id is outside the vocabulary.", param="tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 

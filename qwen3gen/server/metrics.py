@@ -4,26 +4,24 @@ prompt and generated tokens, time to the first token and between tokens, and the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from ..engine import Engine
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 PREFIX = "qwen3gen"
 
 
 class EngineState(Collector):
-    """Gauges read from the engine when scraped."""
+    """Gauges read from the engine's stats when scraped."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, stats: Callable[[], dict]) -> None:
+        self.stats = stats
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        stats = self.engine.stats()
+        stats = self.stats()
         usage = stats["kv_blocks_used"] / max(1, stats["kv_blocks_total"])
         queried = stats["prefix_cache_queried_tokens"]
         hit_rate = stats["prefix_cache_hit_tokens"] / queried if queried else 0.0
@@ -38,7 +36,7 @@ class EngineState(Collector):
 
 
 class Metrics:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine_stats: Callable[[], dict]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(f"{PREFIX}_requests", "Finished requests, by finish reason.", ["finish_reason"],
                                 registry=self.registry)  # fmt: skip
@@ -49,7 +47,7 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
         self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds", "Between a request's outputs, per token.",
                              buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
-        self.registry.register(EngineState(engine))
+        self.registry.register(EngineState(engine_stats))
 
     def tokens(self, count: int, since_last: float | None, first: bool) -> None:
         """An output of `count` new tokens, `since_last` seconds after the request's previous output (or arrival)."""
