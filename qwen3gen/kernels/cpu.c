@@ -152,8 +152,8 @@ static inline __m256 exp8(__m256 x) {
 }
 
 /* One row's dot product with the float input: eight independent sums of eight, then the scalar tail. Each step of the
-   bf16, fp16 and int8 rows asks for the weights AHEAD bytes on: against four sums and the hardware prefetcher alone,
-   medians of 14 interleaved 1.2 GB passes read 7 % (bf16) and 8 % (int8) faster; float32 rows gained nothing from it. */
+   bf16, fp16 and int8 rows asks for the weights AHEAD bytes on, far enough that the line has arrived when the row
+   gets there (BENCHMARKS.md has the distances tried); float32 rows gained nothing from it. */
 #define ROW_DOT(NAME, TYPE, CODE, LOAD8, AHEAD)                                                                    \
     static float NAME(const TYPE *w, const float *in, long k) {                                                \
         __m256 a[8];                                                                                           \
@@ -170,9 +170,9 @@ static inline __m256 exp8(__m256 x) {
         return sum;                                                                                            \
     }
 ROW_DOT(dot_f32, float, F32, load8_f32, 0)
-ROW_DOT(dot_bf16, uint16_t, BF16, load8_bf16, 1024)
-ROW_DOT(dot_f16, uint16_t, F16, load8_f16, 1024)
-ROW_DOT(dot_i8, int8_t, I8, load8_i8, 1024)
+ROW_DOT(dot_bf16, uint16_t, BF16, load8_bf16, 4096)
+ROW_DOT(dot_f16, uint16_t, F16, load8_f16, 4096)
+ROW_DOT(dot_i8, int8_t, I8, load8_i8, 4096)
 
 static float dot(const void *weight, int type, long row, long k, const float *in) {
     switch (type) {
