@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from ..engine import RequestOutput
+from ..engine import Engine, RequestOutput
 from ..errors import EngineError, QueueFullError
 from ..llm import LLM
 from ..sampling import SamplingParams
@@ -86,7 +86,8 @@ def _engine_main(build: Callable[[], LLM], connection: Connection) -> None:
         return
 
 
-def _obey(engine, connection: Connection, command: tuple) -> None:  # noqa: ANN001
+def _obey(engine: Engine, connection: Connection, command: tuple) -> None:
+    """One command other than stop; every one but an abort is answered, with its result or its error."""
     kind = command[0]
     if kind == "abort":
         if command[1] in engine.requests:
@@ -100,8 +101,10 @@ def _obey(engine, connection: Connection, command: tuple) -> None:  # noqa: ANN0
             if max_queue is not None and waiting >= max_queue:
                 raise QueueFullError(f"{waiting} requests are waiting already (--max-queue {max_queue}); retry later.")
             engine.add_request(prompt_ids, params, request_id=request_id)
-        else:
+        elif kind in CALLS:
             result = getattr(engine, kind)(*command[2:])
+        else:
+            raise EngineError(f"the engine process has no command {kind!r}.")
     except Exception as error:
         result = error
     _send(connection, ("reply", seq, result, engine.stats()))
