@@ -207,7 +207,21 @@ def test_tokenize_detokenize_and_several_prompts(tiny_llm, served, client):
     assert [texts[i] for i in range(4)] == [expected[0].text] * 2 + [expected[1].text] * 2
 
 
-def test_serve_command_answers_and_stops_on_sigterm(tiny_checkpoint):
+def group_alive(group: int) -> bool:
+    import os
+
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl-c"])
+def test_serve_command_answers_and_stops_on_sigterm_or_ctrl_c(tiny_checkpoint, ctrl_c):
+    """SIGTERM to the server alone, or SIGINT to its whole process group (a terminal's Ctrl-C, which reaches the
+    engine process too): a clean shutdown either way, with the engine process gone."""
+    import os
     import signal
     import subprocess
     import sys
@@ -217,7 +231,7 @@ def test_serve_command_answers_and_stops_on_sigterm(tiny_checkpoint):
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "qwen3gen.cli", "serve", "--model", str(tiny_checkpoint), "--device", "cpu",
                "--port", str(port), "--served-model-name", MODEL, "--kv-memory", "16MiB"]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -230,10 +244,18 @@ def test_serve_command_answers_and_stops_on_sigterm(tiny_checkpoint):
                 time.sleep(0.1)
         out = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3}, timeout=30)
         assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] >= 1
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == -signal.SIGTERM  # after the shutdown, uvicorn raises the signal again
+        if ctrl_c:
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=30) == 0  # uvicorn's own end after a Ctrl-C
+        else:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == -signal.SIGTERM  # after the shutdown, uvicorn raises the signal again
         stderr = proc.stderr.read()
         assert "qwen3gen: server stopped" in stderr and "Traceback" not in stderr
+        deadline = time.monotonic() + 10  # nothing of the server is left in its group: the engine process has ended
+        while group_alive(proc.pid):  # (multiprocessing's resource tracker lingers a moment, a zombie, until reaped)
+            assert time.monotonic() < deadline, "a process of the server's group outlived it"
+            time.sleep(0.1)
     finally:
         if proc.poll() is None:
             proc.kill()
