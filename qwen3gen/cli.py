@@ -38,9 +38,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-batched-tokens", type=int, help="token budget of one step, prefill chunks and decodes together (default: 8192 on GPU, 512 on CPU)")
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    names = ("kv_memory", "max_running", "max_batched_tokens")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+def load_kwargs(args: argparse.Namespace) -> dict:
+    """llm.load's options from the model flags (generate, chat and serve share them); unset engine options left out."""
+    engine = {name: getattr(args, name) for name in ("kv_memory", "max_running", "max_batched_tokens")}
+    options = dict(device=args.device, dtype=args.dtype, compile=args.compile, quantization=args.quantize)
+    return {**options, **{name: value for name, value in engine.items() if value is not None}}
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -294,10 +296,7 @@ def run_serve(args: argparse.Namespace) -> None:
     from .server import EngineProcess, create_app
 
     name = args.served_model_name or args.model
-    build = functools.partial(
-        load, args.model, device=args.device, dtype=args.dtype, compile=args.compile, quantization=args.quantize,
-        **engine_kwargs(args),
-    )  # fmt: skip
+    build = functools.partial(load, args.model, **load_kwargs(args))
     app = create_app(EngineProcess(build, max_queue=args.max_queue), name, api_key=args.api_key)
     app.router.add_event_handler("shutdown", lambda: print("qwen3gen: server stopped", file=sys.stderr, flush=True))
     print(f"qwen3gen: serving {name} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
@@ -342,10 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .llm import load
 
         with sigint_for_the_main_thread(args.command == "chat"):
-            llm = load(
-                args.model, device=args.device, dtype=args.dtype, compile=args.compile, quantization=args.quantize,
-                **engine_kwargs(args),
-            )  # fmt: skip
+            llm = load(args.model, **load_kwargs(args))
             if args.command == "chat":  # starts the compute threads now, while they inherit the blocked SIGINT
                 llm.generate([0, 1], max_new_tokens=2, temperature=0.0, ignore_eos=True)
         if args.command == "generate":

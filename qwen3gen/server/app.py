@@ -115,7 +115,7 @@ def coalesced(items: list) -> list:
 
 def create_app(engine: EngineProcess, model_name: str, api_key: str | None = None) -> FastAPI:
     """The app for the model of a started engine process, answering to `model_name`; the process stops with the app."""
-    tokenizer, context, defaults = engine.model.tokenizer, engine.model.context, engine.model.generation_config
+    tokenizer, context, generation_config = engine.model.tokenizer, engine.model.context, engine.model.generation_config
     created = int(time.time())
     app = FastAPI(title="qwen3gen", docs_url=None, redoc_url=None)
     metrics = Metrics(lambda: engine.last_stats)
@@ -148,7 +148,7 @@ def create_app(engine: EngineProcess, model_name: str, api_key: str | None = Non
 
     def params_of(body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
         try:
-            return body.params(default_sampling(defaults))
+            return body.params(default_sampling(generation_config))
         except InvalidParameterError as error:
             raise APIError(400, str(error)) from None
 

@@ -223,8 +223,9 @@ class EngineProcess:
             if kind == "reply":
                 seq, result = body
                 with self._lock:
-                    future = self._replies.pop(seq)
-                _settle(future, result)
+                    future = self._replies.pop(seq, None)  # None: closed (stopping) while the call was answered
+                if future is not None:
+                    _settle(future, result)
             elif kind == "step":
                 self._deliver([(output.request_id, output) for output in body[0]])
             else:  # lost
