@@ -87,11 +87,11 @@ def random_model(cfg: Qwen3Config, device: torch.device, dtype: torch.dtype, see
 def weight_bytes_per_step(model: Qwen3) -> int:
     """Bytes of weights one decode step reads: all of them (quantized weights and scales are buffers; the KV cache
     is the engine's pool, not the model's), except an embedding table only looked up row by row."""
-    total = sum(t.numel() * t.element_size() for t in model.parameters())
-    total += sum(t.numel() * t.element_size() for t in model.buffers())
-    if model.lm_head is not None:
-        total -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
-    return total
+    size = lambda tensors: {id(t): t.numel() * t.element_size() for t in tensors}  # noqa: E731
+    total = sum(size([*model.parameters(), *model.buffers()]).values())
+    embedding = size([*model.embed_tokens.parameters(), *model.embed_tokens.buffers()])
+    head = embedding if model.lm_head is None else size([*model.lm_head.parameters(), *model.lm_head.buffers()])
+    return total - sum(n for i, n in embedding.items() if i not in head)  # a tied head reads the embedding's tensors
 
 
 def kv_bytes_per_step(cfg: Qwen3Config, batch: int, context: float, dtype: torch.dtype) -> float:
@@ -103,7 +103,7 @@ def transformers_model(model: Qwen3, checkpoint_dir: str | None) -> torch.nn.Mod
     """The same weights in transformers' Qwen3ForCausalLM (a benchmark-only, optional dependency)."""
     import transformers
 
-    weight = model.embed_tokens.weight
+    weight = model.norm.weight  # the model's dtype and device
     if checkpoint_dir:
         return transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=weight.dtype).to(weight.device).eval()
     cfg = model.config

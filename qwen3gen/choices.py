@@ -1,6 +1,6 @@
 """The names the CLI offers (quantizations, bench engines), in a module that imports nothing, so that `qwen3gen
 --help` is answered before torch is imported."""
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
 ENGINES = ("transformers", "qwen3gen", "qwen3gen-compiled", "transformers-static")
 THROUGHPUT_ENGINES = ("transformers", "qwen3gen", "qwen3gen-compiled")

@@ -27,7 +27,7 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str) -> No
     parser.add_argument("--device", help="cuda, mps, xpu or cpu (default: the first available, in that order)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs, float32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="compile the model's blocks with torch.compile and, on a GPU, run each step as a CUDA graph (warm-up: tens of seconds)")
-    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization (int8: per-channel scales)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization (int8: per-channel scales; int4: Q4_0 blocks, CPU only)")
     add_engine_options(parser)
 
 

@@ -16,7 +16,7 @@ from .engine.request import Logprob
 from .errors import EngineError, InvalidParameterError
 from .kernels.cpu import huge_page_weights
 from .loaders.checkpoint import Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve
-from .loaders.quantize import QUANTIZATIONS, quantize
+from .loaders.quantize import check_quantization, quantize
 from .model import Qwen3
 from .results import Generation, GenerationStats, peak_memory
 from .sampling import SamplingParams, derive_seed
@@ -180,7 +180,7 @@ class LLM:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         default_new = self.generation_config.get("max_new_tokens") or FALLBACK_MAX_NEW_TOKENS
-        if self.model.embed_tokens.weight.device.type == "cpu":
+        if self.model.norm.weight.device.type == "cpu":
             huge_page_weights(self.model)
         self.engine = Engine(
             self.model, tokenizer, self.eos_token_ids, compile=compile, default_max_new_tokens=default_new, **engine_options
@@ -365,14 +365,14 @@ def load(
 ) -> LLM:
     """Load a checkpoint folder, a Hub repo id, an alias ("base", "reasoning"), or a .gguf file (qwen3, qwen2).
 
-    quantization="int8" stores the linear weights as int8 (per-channel scales), with bf16 activations by default.
+    quantization="int8" stores the linear weights as int8 (per-channel scales), "int4" as Q4_0 blocks (CPU only), with
+    bf16 activations by default. A .gguf file's Q8_0, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K layers stay as they are on a CPU.
     engine_options: kv_memory (bytes or "8GiB"), max_running, max_batched_tokens, block_size, kernels (engine.Engine).
     The device, dtype, quantization and option names (and kv_memory's format) are checked before anything is read.
     """
     device = parse_device(device)
     dtype = parse_dtype(dtype) or default_dtype(device, quantization)
-    if quantization is not None and quantization not in QUANTIZATIONS:
-        raise InvalidParameterError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), not {quantization!r}.")
+    check_quantization(quantization, device)
     # Engine's own keyword options, less those LLM passes itself.
     options = [
         name for name, p in inspect.signature(Engine).parameters.items()

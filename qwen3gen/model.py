@@ -34,6 +34,11 @@ from .attention import PagedBatch, sdpa
 from .config import Qwen3Config
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+# The layers that hold several checkpoint matrices, stacked by rows in this order.
+STACKED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
 
 
 class RMSNorm(nn.Module):
@@ -167,9 +172,12 @@ def fused_linear(
     residual: torch.Tensor | None = None, swiglu: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """residual + layer(input), input being x, norm(x) or silu(gate) * up of x = [gate, up], in one kernel; layer is
-    an nn.Linear, an int8 one (quantize.py: int8 weight, a scale per row) or the embedding as a tied output head."""
-    scales, bias = getattr(layer, "scales", None), getattr(layer, "bias", None)
+    an nn.Linear, an int8 one (quantize.py: int8 weight, a scale per row), the embedding as a tied output head, or a
+    layer of its own product (`fused`: blocks.py's GGML block formats)."""
     norm_weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+    if hasattr(layer, "fused"):
+        return layer.fused(kernels, x, norm_weight, eps, residual, swiglu)
+    scales, bias = getattr(layer, "scales", None), getattr(layer, "bias", None)
     return kernels.matvec(x, layer.weight, scales, bias, norm_weight, eps, residual, swiglu)
 
 
@@ -189,22 +197,18 @@ class Qwen3(nn.Module):
     def checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every parameter under its checkpoint name (without transformers' "model." prefix); the stacked q/k/v
         and gate/up matrices as views of their row blocks, under the names checkpoints store them by."""
-        q_rows, k_rows, v_rows = self.layers[0].self_attn.qkv_sizes
-        mlp_rows = self.config.intermediate_size
-        stacked = {
-            "self_attn.qkv_proj": (("self_attn.q_proj", q_rows), ("self_attn.k_proj", k_rows), ("self_attn.v_proj", v_rows)),
-            "mlp.gate_up_proj": (("mlp.gate_proj", mlp_rows), ("mlp.up_proj", mlp_rows)),
-        }
+        rows = dict(zip(STACKED["self_attn.qkv_proj"], self.layers[0].self_attn.qkv_sizes))
+        rows.update(dict.fromkeys(STACKED["mlp.gate_up_proj"], self.config.intermediate_size))
         for name, param in self.named_parameters():
             module, _, kind = name.rpartition(".")  # "layers.3.mlp.gate_up_proj", "weight"
             *layer, local = module.split(".", 2)  # ["layers", "3"], "mlp.gate_up_proj"
-            if local not in stacked:
+            if local not in STACKED:
                 yield name, param
                 continue
             start = 0
-            for part, rows in stacked[local]:
-                yield ".".join([*layer, part, kind]), param[start : start + rows]
-                start += rows
+            for part in STACKED[local]:
+                yield ".".join([*layer, part, kind]), param[start : start + rows[part]]
+                start += rows[part]
 
     def forward(
         self,

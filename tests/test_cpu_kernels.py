@@ -317,7 +317,7 @@ def test_a_failed_build_leaves_the_pytorch_lines_and_no_file(tmp_path, monkeypat
     the reference, the model runs its PyTorch lines, and nothing half-built is left in the cache."""
     monkeypatch.setenv("QWEN3GEN_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")
-    cpu._library.cache_clear()
+    cpu._build.cache_clear()
     try:
         if cpu.cpu_supported():
             assert not cpu.available(CPU)
@@ -329,5 +329,5 @@ def test_a_failed_build_leaves_the_pytorch_lines_and_no_file(tmp_path, monkeypat
             assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
     finally:
         monkeypatch.undo()
-        cpu._library.cache_clear()
+        cpu._build.cache_clear()
     assert cpu.available(CPU) == (cpu.unavailable_reason() == "")

@@ -215,10 +215,17 @@ def test_dtype_names_in_any_case():
 # --- 4, 5. quantization and engine options ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["int4", "INT8", "", "gptq"])
+@pytest.mark.parametrize("method", ["int2", "INT8", "", "gptq"])
 def test_unknown_quantization(missing, method):
-    with pytest.raises(InvalidParameterError, match=rf"quantization must be one of int8 \(or None\), not {method!r}"):
+    with pytest.raises(InvalidParameterError, match=rf"quantization must be one of int8, int4 \(or None\), not {method!r}"):
         qwen3gen.load(missing, device="cpu", quantization=method)
+
+
+def test_int4_off_the_cpu_is_refused_before_anything_is_read(missing, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(InvalidParameterError, match="int4 runs on the CPU only"):
+        qwen3gen.load(missing, device="cuda", quantization="int4")
 
 
 @pytest.mark.parametrize(

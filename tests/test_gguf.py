@@ -21,7 +21,8 @@ import qwen3gen
 import qwen3gen.loaders.gguf
 from qwen3gen import cli
 from qwen3gen.loaders.checkpoint import Checkpoint, load_model
-from qwen3gen.loaders.gguf import GGUFCheckpoint, dequantize_into
+from qwen3gen.loaders.blocks import BlockEmbedding, BlockLinear
+from qwen3gen.loaders.gguf import GGUFCheckpoint, dequantize_into, write_tokenizer
 
 FILE_TYPES = {
     Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16, Q.BF16: gguf.LlamaFileType.MOSTLY_BF16,
@@ -38,47 +39,25 @@ TEXTS = [
 ]
 
 
-def _looks_special(token: str) -> bool:
-    """llama.cpp's does_token_look_special, as far as Qwen's tokens go."""
-    return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
-
-
-def add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Path, vocab_size: int) -> None:
-    """The vocabulary as llama.cpp's get_vocab_base + SpecialVocab write it for Qwen (tokenizer model "gpt2")."""
-    tok = json.loads((checkpoint / "tokenizer.json").read_text(encoding="utf-8"))
-    cfg = json.loads((checkpoint / "tokenizer_config.json").read_text(encoding="utf-8"))
-    reverse = {i: t for t, i in tok["model"]["vocab"].items()}
-    added = {a["id"]: a for a in tok["added_tokens"]}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i in added:
-            tokens.append(added[i]["content"])
-            special = added[i]["special"] or _looks_special(added[i]["content"])
-            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
-        elif i in reverse:
-            tokens.append(reverse[i])
-            types.append(gguf.TokenType.NORMAL)
-        else:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-    ids = {a["content"]: a["id"] for a in tok["added_tokens"]}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
-    writer.add_bos_token_id(151643)  # config.json's bos_token_id (tokenizer_config.json has none)
-    writer.add_eos_token_id(ids[cfg["eos_token"]])
-    writer.add_pad_token_id(ids[cfg["pad_token"]])
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(cfg["chat_template"])
+def random_blocks(qtype: Q, rows: int, k: int, seed: int) -> np.ndarray:
+    """Rows of random blocks of a format the gguf package cannot write (the K types), with finite float16 scales
+    (small, so that a model of them stays finite): [rows, bytes]."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, k // block, size), dtype=np.uint8)
+    for at in {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}.get(qtype, (0,)):
+        scale = rng.uniform(0.5, 1.5, size=(rows, k // block, 1)) * (0.002 if qtype == Q.Q6_K else 0.02)
+        raw[..., at : at + 2] = scale.astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
 
 
 def write_gguf(
-    path: Path, checkpoint: Path, qtype: Q = Q.F32, arch: str = "qwen3", tokenizer: bool = True, sampling: dict | None = None
-) -> Path:
+    path: Path, checkpoint: Path, qtype: Q = Q.F32, arch: str = "qwen3", tokenizer: bool = True, sampling: dict | None = None,
+    types: dict[str, Q] | None = None,
+) -> Path:  # fmt: skip
     """A checkpoint folder -> one .gguf file, converted as convert_hf_to_gguf.py does for Qwen2/Qwen3 (no q/k
-    permutation); 2-D tensors in `qtype`, 1-D ones (norms, biases) kept in F32."""
+    permutation); 2-D tensors in `qtype` (or types' first whose key is part of the tensor's GGUF name), 1-D ones (norms,
+    biases) kept in F32. A type the gguf package cannot write gets random blocks (random_blocks) instead of the weight."""
     config = json.loads((checkpoint / "config.json").read_text())
     arch_enum = gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.QWEN3  # any other arch: Qwen3's names
     writer = gguf.GGUFWriter(path, arch)
@@ -97,7 +76,7 @@ def write_gguf(
     writer.add_file_type(FILE_TYPES.get(qtype, gguf.LlamaFileType.ALL_F32))
     writer.add_vocab_size(config["vocab_size"])  # transformers takes it from here when there is no vocabulary
     if tokenizer:
-        add_tokenizer(writer, checkpoint, config["vocab_size"])
+        write_tokenizer(writer, checkpoint, config["vocab_size"])
     for key, value in (sampling or {}).items():  # what newer converters copy from generation_config.json
         getattr(writer, f"add_sampling_{key}")(value)
     names = gguf.get_tensor_name_map(arch_enum, config["num_hidden_layers"])
@@ -106,12 +85,15 @@ def write_gguf(
             data = f.get_tensor(name).float().numpy()
             new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
             assert new_name is not None, name
-            if data.ndim == 1 or qtype == Q.F32:
+            kind = next((t for key, t in (types or {}).items() if key in new_name), qtype)
+            if data.ndim == 1 or kind == Q.F32:
                 writer.add_tensor(new_name, data)
-            elif qtype == Q.F16:
+            elif kind == Q.F16:
                 writer.add_tensor(new_name, gguf.quants.quantize(data, Q.F16))
+            elif kind in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+                writer.add_tensor(new_name, random_blocks(kind, *data.shape, seed=len(new_name)), raw_dtype=kind)
             else:
-                writer.add_tensor(new_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+                writer.add_tensor(new_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -194,13 +176,15 @@ def test_logits_equal_the_same_weights_from_safetensors(small_dirs, arch, qtype)
 
 
 def test_loads_in_bfloat16(small_dirs):
+    """Q8_0 blocks kept as they are: each product decodes them to bf16 and multiplies, which is what the model of the
+    same weights rounded to bf16 at load computes, to the bit."""
     directory = small_dirs["qwen2"]
     path = write_gguf(directory.parent / "qwen2-bf16-target.gguf", directory, Q.Q8_0, arch="qwen2", tokenizer=False)
     model = GGUFCheckpoint.open(path).load_model(torch.device("cpu"), torch.bfloat16)
     reference = round_through(safetensors_model(directory), Q.Q8_0).to(torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    for (name, p), (_, q) in zip(model.checkpoint_tensors(), reference.checkpoint_tensors(), strict=True):
-        assert torch.equal(p, q), name
+    assert isinstance(model.layers[0].self_attn.qkv_proj, BlockLinear) and isinstance(model.embed_tokens, BlockEmbedding)
+    assert torch.equal(logits(model, IDS), logits(reference, IDS))
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2"])

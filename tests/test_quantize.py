@@ -68,8 +68,8 @@ def test_compiled_int8_greedy_equals_eager_int8(tiny_checkpoint):
 
 
 def test_unknown_quantization_is_refused(tiny_checkpoint):
-    with pytest.raises(qwen3gen.InvalidParameterError, match="quantization must be one of int8"):
-        qwen3gen.load(tiny_checkpoint, device="cpu", quantization="int4")
+    with pytest.raises(qwen3gen.InvalidParameterError, match="quantization must be one of int8, int4"):
+        qwen3gen.load(tiny_checkpoint, device="cpu", quantization="int3")
 
 
 def test_quantizing_holds_little_beside_the_model():

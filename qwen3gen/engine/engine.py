@@ -77,7 +77,7 @@ class Engine:
         default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
-        weight = model.embed_tokens.weight
+        weight = model.norm.weight  # the model's device and dtype (the embedding may be blocks.py's)
         self.device, self.config = weight.device, model.config
         running, batched = default_limits(self.device)
         self.max_running = max_running or running

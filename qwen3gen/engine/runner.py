@@ -57,8 +57,7 @@ class ModelRunner:
         compile: bool = False,
     ) -> None:  # fmt: skip
         self.model, self.pool, self.backend = model, pool, backend
-        self.device = model.embed_tokens.weight.device
-        self.dtype = model.embed_tokens.weight.dtype
+        self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
         self.max_rows = max_rows
         self.max_blocks = -(-model.config.max_position_embeddings // pool.block_size)
         self.use_graphs = self.device.type == "cuda" and backend.kernels is not None

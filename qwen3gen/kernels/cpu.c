@@ -2,7 +2,8 @@
 
    qwen3gen_matvec: out = residual + W @ input * scale + bias, where input is x, RMSNorm(x) or SwiGLU(x) = silu(gate) *
    up, rounded to the activations' type where the model's PyTorch lines round, for each of up to cpu.MATVEC_ROWS input
-   rows (each its own norm). W [n, k] is float32, bfloat16, float16 or int8 (with a float scale per row). Each thread
+   rows (each its own norm). W [n, k] is float32, bfloat16, float16, int8 (with a float scale per row) or one of GGML's
+   block formats (rows of blocks, each block's weights made as floats where they are multiplied). Each thread
    walks whole rows in order, so the weights stream through memory front to back, each read once for all input rows:
    in a decode step, where every weight is read once per step, those reads are most of it.
    qwen3gen_new_token and qwen3gen_decode_attention: one new token per row's attention (q/k norm, rotation, writes to
@@ -15,6 +16,20 @@
 #include <string.h>
 
 enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 }; /* cpu.TYPES */
+/* GGML's block formats (cpu.BLOCK_TYPES): each block holds 32 weights (256 for the K types) with their scales. */
+enum { Q8_0 = 4, Q4_0 = 5, Q5_0 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9 };
+#define IS_BLOCKS(type) ((type) >= Q8_0)
+static long block_weights(int type) { return type >= Q4_K ? 256 : 32; }
+static long block_bytes(int type) {
+    switch (type) {
+    case Q8_0: return 34;
+    case Q4_0: return 18;
+    case Q5_0: return 22;
+    case Q4_K: return 144;
+    case Q5_K: return 176;
+    default: return 210;
+    }
+}
 
 static float load_one(const void *p, int type, long i) {
     switch (type) {
@@ -183,6 +198,430 @@ static float dot(const void *weight, int type, long row, long k, const float *in
     }
 }
 
+/* The widest vectors this build has (cpu.py builds an AVX-512 variant and an AVX2 one): LANES floats, or int32s. The
+   block formats' loops below are written once over them. */
+#ifdef __AVX512F__
+#define LANES 16
+typedef __m512 vecf;
+typedef __m512i veci;
+static inline veci bytes_u(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline veci bytes_s(const uint8_t *p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline veci vi_set(int v) { return _mm512_set1_epi32(v); }
+static inline veci vi_and(veci a, int m) { return _mm512_and_si512(a, vi_set(m)); }
+static inline veci vi_or(veci a, veci b) { return _mm512_or_si512(a, b); }
+static inline veci vi_sub(veci a, int v) { return _mm512_sub_epi32(a, vi_set(v)); }
+static inline veci vi_srl(veci a, int n) { return _mm512_srli_epi32(a, n); }
+static inline veci vi_sll(veci a, int n) { return _mm512_slli_epi32(a, n); }
+static inline veci vi_srlv(veci a, veci n) { return _mm512_srlv_epi32(a, n); }
+static inline veci vi_lanes(int from) { return _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), vi_set(from)); }
+static inline vecf vf_set(float v) { return _mm512_set1_ps(v); }
+static inline vecf vf_zero(void) { return _mm512_setzero_ps(); }
+static inline vecf vf_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vf_store(float *p, vecf v) { _mm512_storeu_ps(p, v); }
+static inline vecf vf_int(veci a) { return _mm512_cvtepi32_ps(a); }
+static inline vecf vf_mul(vecf a, vecf b) { return _mm512_mul_ps(a, b); }
+static inline vecf vf_sub(vecf a, vecf b) { return _mm512_sub_ps(a, b); }
+static inline vecf vf_add(vecf a, vecf b) { return _mm512_add_ps(a, b); }
+static inline vecf vf_fma(vecf a, vecf b, vecf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vf_sum(vecf v) { return _mm512_reduce_add_ps(v); }
+#else
+#define LANES 8
+typedef __m256 vecf;
+typedef __m256i veci;
+static inline veci bytes_u(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline veci bytes_s(const uint8_t *p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline veci vi_set(int v) { return _mm256_set1_epi32(v); }
+static inline veci vi_and(veci a, int m) { return _mm256_and_si256(a, vi_set(m)); }
+static inline veci vi_or(veci a, veci b) { return _mm256_or_si256(a, b); }
+static inline veci vi_sub(veci a, int v) { return _mm256_sub_epi32(a, vi_set(v)); }
+static inline veci vi_srl(veci a, int n) { return _mm256_srli_epi32(a, n); }
+static inline veci vi_sll(veci a, int n) { return _mm256_slli_epi32(a, n); }
+static inline veci vi_srlv(veci a, veci n) { return _mm256_srlv_epi32(a, n); }
+static inline veci vi_lanes(int from) { return _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), vi_set(from)); }
+static inline vecf vf_set(float v) { return _mm256_set1_ps(v); }
+static inline vecf vf_zero(void) { return _mm256_setzero_ps(); }
+static inline vecf vf_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vf_store(float *p, vecf v) { _mm256_storeu_ps(p, v); }
+static inline vecf vf_int(veci a) { return _mm256_cvtepi32_ps(a); }
+static inline vecf vf_mul(vecf a, vecf b) { return _mm256_mul_ps(a, b); }
+static inline vecf vf_sub(vecf a, vecf b) { return _mm256_sub_ps(a, b); }
+static inline vecf vf_add(vecf a, vecf b) { return _mm256_add_ps(a, b); }
+static inline vecf vf_fma(vecf a, vecf b, vecf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vf_sum(vecf v) { return sum8(v); }
+#endif
+
+static inline float half_at(const uint8_t *p) {
+    uint16_t bits;
+    memcpy(&bits, p, 2);
+    return _cvtsh_ss(bits);
+}
+
+/* One block's weights as floats, each computed as the gguf package's dequantize computes it (the same products in
+   float, in the same order), so that a dequantized tensor is the same bits. */
+static inline void floats_q8_0(const uint8_t *b, float *out) {
+    vecf d = vf_set(half_at(b));
+    for (int i = 0; i < 32; i += LANES) vf_store(out + i, vf_mul(vf_int(bytes_s(b + 2 + i)), d));
+}
+static inline void floats_q4_0(const uint8_t *b, float *out) { /* low nibbles: weights 0-15, high ones 16-31 */
+    vecf d = vf_set(half_at(b));
+    for (int i = 0; i < 16; i += LANES) {
+        veci q = bytes_u(b + 2 + i);
+        vf_store(out + i, vf_mul(d, vf_int(vi_sub(vi_and(q, 15), 8))));
+        vf_store(out + 16 + i, vf_mul(d, vf_int(vi_sub(vi_srl(q, 4), 8))));
+    }
+}
+static inline void floats_q5_0(const uint8_t *b, float *out) { /* bit i of the 32-bit qh is weight i's fifth bit */
+    vecf d = vf_set(half_at(b));
+    uint32_t high;
+    memcpy(&high, b + 2, 4);
+    veci qh = vi_set((int)high);
+    for (int i = 0; i < 16; i += LANES) {
+        veci q = bytes_u(b + 6 + i);
+        veci low_bits = vi_sll(vi_and(vi_srlv(qh, vi_lanes(i)), 1), 4), high_bits = vi_sll(vi_and(vi_srlv(qh, vi_lanes(16 + i)), 1), 4);
+        vf_store(out + i, vf_mul(d, vf_int(vi_sub(vi_or(vi_and(q, 15), low_bits), 16))));
+        vf_store(out + 16 + i, vf_mul(d, vf_int(vi_sub(vi_or(vi_srl(q, 4), high_bits), 16))));
+    }
+}
+/* Q4_K and Q5_K: eight sub-blocks of 32, each with a 6-bit scale and minimum packed into 12 bytes. */
+static inline void scales_mins_k(const uint8_t *s, float d, float dmin, float *scale, float *min) {
+    for (int j = 0; j < 8; j++) {
+        int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+        int m = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        scale[j] = d * (float)sc;
+        min[j] = dmin * (float)m;
+    }
+}
+static inline void floats_q4_k(const uint8_t *b, float *out) { /* each 32 bytes of qs: a sub-block low, the next high */
+    float scale[8], min[8];
+    scales_mins_k(b + 4, half_at(b), half_at(b + 2), scale, min);
+    for (int c = 0; c < 4; c++) {
+        const uint8_t *qs = b + 16 + 32 * c;
+        vecf d0 = vf_set(scale[2 * c]), m0 = vf_set(min[2 * c]), d1 = vf_set(scale[2 * c + 1]), m1 = vf_set(min[2 * c + 1]);
+        for (int l = 0; l < 32; l += LANES) {
+            veci q = bytes_u(qs + l);
+            vf_store(out + 64 * c + l, vf_sub(vf_mul(d0, vf_int(vi_and(q, 15))), m0));
+            vf_store(out + 64 * c + 32 + l, vf_sub(vf_mul(d1, vf_int(vi_srl(q, 4))), m1));
+        }
+    }
+}
+static inline void floats_q5_k(const uint8_t *b, float *out) { /* sub-block s's fifth bits: bit s of qh's 32 bytes */
+    float scale[8], min[8];
+    scales_mins_k(b + 4, half_at(b), half_at(b + 2), scale, min);
+    const uint8_t *qh = b + 16;
+    for (int s = 0; s < 8; s++) {
+        const uint8_t *qs = b + 48 + 32 * (s / 2);
+        vecf d = vf_set(scale[s]), m = vf_set(min[s]);
+        for (int l = 0; l < 32; l += LANES) {
+            veci q = bytes_u(qs + l), high = vi_sll(vi_and(vi_srl(bytes_u(qh + l), s), 1), 4);
+            vf_store(out + 32 * s + l, vf_sub(vf_mul(d, vf_int(vi_or(s % 2 ? vi_srl(q, 4) : vi_and(q, 15), high))), m));
+        }
+    }
+}
+static inline void floats_q6_k(const uint8_t *b, float *out) { /* two halves of 128: 64 bytes of ql, 32 of qh each */
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    float d = half_at(b + 208);
+    for (int h = 0; h < 2; h++)
+        for (int u = 0; u < 4; u++)
+            for (int l = 0; l < 32; l += LANES) {
+                long at = 128 * h + 32 * u + l;
+                veci low = bytes_u(ql + 64 * h + 32 * (u % 2) + l), high = vi_and(vi_srl(bytes_u(qh + 32 * h + l), 2 * u), 3);
+                veci q = vi_sub(vi_or(u < 2 ? vi_and(low, 15) : vi_srl(low, 4), vi_sll(high, 4)), 32);
+                vf_store(out + at, vf_mul(vf_set(d * (float)sc[at / 16]), vf_int(q)));
+            }
+}
+
+static inline void block_floats(int type, const uint8_t *b, float *out) {
+    switch (type) {
+    case Q8_0: floats_q8_0(b, out); break;
+    case Q4_0: floats_q4_0(b, out); break;
+    case Q5_0: floats_q5_0(b, out); break;
+    case Q4_K: floats_q4_k(b, out); break;
+    case Q5_K: floats_q5_k(b, out); break;
+    default: floats_q6_k(b, out);
+    }
+}
+
+/* One row of blocks . in (k floats), the blocks decoded in registers: per block (or sub-block), the integer levels'
+   dot product with the input, then times the block's scale; the K formats' minimums times the input's sums over
+   each 16 (`sums`, made once per input row). The same sum as the dequantized weights' up to float rounding. */
+static inline vecf level_dot(veci q, const float *in, vecf acc) { return vf_fma(vf_int(q), vf_load(in), acc); }
+
+static float dot_q8_0(const uint8_t *w, const float *in, const float *sums, long k) {
+    vecf acc = vf_zero();
+    (void)sums;
+    for (long b = 0; b < k / 32; b++, w += 34, in += 32) {
+        _mm_prefetch((const char *)w + 4096, _MM_HINT_T0);
+        vecf p = vf_zero();
+        for (int i = 0; i < 32; i += LANES) p = level_dot(bytes_s(w + 2 + i), in + i, p);
+        acc = vf_fma(vf_set(half_at(w)), p, acc);
+    }
+    return vf_sum(acc);
+}
+static float dot_q4_0(const uint8_t *w, const float *in, const float *sums, long k) {
+    vecf acc = vf_zero();
+    (void)sums;
+    for (long b = 0; b < k / 32; b++, w += 18, in += 32) {
+        _mm_prefetch((const char *)w + 4096, _MM_HINT_T0);
+        vecf p = vf_zero();
+        for (int i = 0; i < 16; i += LANES) {
+            veci q = bytes_u(w + 2 + i);
+            p = level_dot(vi_sub(vi_and(q, 15), 8), in + i, p);
+            p = level_dot(vi_sub(vi_srl(q, 4), 8), in + 16 + i, p);
+        }
+        acc = vf_fma(vf_set(half_at(w)), p, acc);
+    }
+    return vf_sum(acc);
+}
+static float dot_q5_0(const uint8_t *w, const float *in, const float *sums, long k) {
+    vecf acc = vf_zero();
+    (void)sums;
+    for (long b = 0; b < k / 32; b++, w += 22, in += 32) {
+        _mm_prefetch((const char *)w + 4096, _MM_HINT_T0);
+        uint32_t high;
+        memcpy(&high, w + 2, 4);
+        veci qh = vi_set((int)high);
+        vecf p = vf_zero();
+        for (int i = 0; i < 16; i += LANES) {
+            veci q = bytes_u(w + 6 + i);
+            veci low_bits = vi_sll(vi_and(vi_srlv(qh, vi_lanes(i)), 1), 4), high_bits = vi_sll(vi_and(vi_srlv(qh, vi_lanes(16 + i)), 1), 4);
+            p = level_dot(vi_sub(vi_or(vi_and(q, 15), low_bits), 16), in + i, p);
+            p = level_dot(vi_sub(vi_or(vi_srl(q, 4), high_bits), 16), in + 16 + i, p);
+        }
+        acc = vf_fma(vf_set(half_at(w)), p, acc);
+    }
+    return vf_sum(acc);
+}
+static float dot_q4_k(const uint8_t *w, const float *in, const float *sums, long k) {
+    vecf acc = vf_zero();
+    float low = 0.0f;
+    for (long b = 0; b < k / 256; b++, w += 144, in += 256, sums += 16) {
+        _mm_prefetch((const char *)w + 4096, _MM_HINT_T0);
+        _mm_prefetch((const char *)w + 4096 + 64, _MM_HINT_T0);
+        float scale[8], min[8];
+        scales_mins_k(w + 4, half_at(w), half_at(w + 2), scale, min);
+        for (int c = 0; c < 4; c++) {
+            const uint8_t *qs = w + 16 + 32 * c;
+            vecf p0 = vf_zero(), p1 = vf_zero();
+            for (int l = 0; l < 32; l += LANES) {
+                veci q = bytes_u(qs + l);
+                p0 = level_dot(vi_and(q, 15), in + 64 * c + l, p0);
+                p1 = level_dot(vi_srl(q, 4), in + 64 * c + 32 + l, p1);
+            }
+            acc = vf_fma(vf_set(scale[2 * c + 1]), p1, vf_fma(vf_set(scale[2 * c]), p0, acc));
+        }
+        for (int s = 0; s < 8; s++) low += min[s] * (sums[2 * s] + sums[2 * s + 1]);
+    }
+    return vf_sum(acc) - low;
+}
+static float dot_q5_k(const uint8_t *w, const float *in, const float *sums, long k) {
+    vecf acc = vf_zero();
+    float low = 0.0f;
+    for (long b = 0; b < k / 256; b++, w += 176, in += 256, sums += 16) {
+        _mm_prefetch((const char *)w + 4096, _MM_HINT_T0);
+        _mm_prefetch((const char *)w + 4096 + 64, _MM_HINT_T0);
+        float scale[8], min[8];
+        scales_mins_k(w + 4, half_at(w), half_at(w + 2), scale, min);
+        vecf p[8];
+        for (int s = 0; s < 8; s++) p[s] = vf_zero();
+        for (int l = 0; l < 32; l += LANES) {
+            veci qh = bytes_u(w + 16 + l);
+            for (int c = 0; c < 4; c++) {
+                veci q = bytes_u(w + 48 + 32 * c + l);
+                veci h0 = vi_sll(vi_and(vi_srl(qh, 2 * c), 1), 4), h1 = vi_sll(vi_and(vi_srl(qh, 2 * c + 1), 1), 4);
+                p[2 * c] = level_dot(vi_or(vi_and(q, 15), h0), in + 64 * c + l, p[2 * c]);
+                p[2 * c + 1] = level_dot(vi_or(vi_srl(q, 4), h1), in + 64 * c + 32 + l, p[2 * c + 1]);
+            }
+        }
+        for (int s = 0; s < 8; s++) {
+            acc = vf_fma(vf_set(scale[s]), p[s], acc);
+            low += min[s] * (sums[2 * s] + sums[2 * s + 1]);
+        }
+    }
+    return vf_sum(acc) - low;
+}
+static float dot_q6_k(const uint8_t *w, const float *in, const float *sums, long k) {
+    vecf acc = vf_zero();
+    (void)sums;
+    for (long b = 0; b < k / 256; b++, w += 210, in += 256) {
+        for (int line = 0; line < 256; line += 64) _mm_prefetch((const char *)w + 4096 + line, _MM_HINT_T0);
+        const int8_t *sc = (const int8_t *)(w + 192);
+        float d = half_at(w + 208);
+        for (int h = 0; h < 2; h++)
+            for (int l = 0; l < 32; l += LANES) { /* each LANES-wide step lies within one scale's 16 weights */
+                veci qh = bytes_u(w + 128 + 32 * h + l), ql0 = bytes_u(w + 64 * h + l), ql1 = bytes_u(w + 64 * h + 32 + l);
+                veci low[4] = {vi_and(ql0, 15), vi_and(ql1, 15), vi_srl(ql0, 4), vi_srl(ql1, 4)};
+                for (int u = 0; u < 4; u++) {
+                    long at = 128 * h + 32 * u + l;
+                    veci q = vi_sub(vi_or(low[u], vi_sll(vi_and(vi_srl(qh, 2 * u), 3), 4)), 32);
+                    acc = vf_fma(vf_set(d * (float)sc[at / 16]), level_dot(q, in + at, vf_zero()), acc);
+                }
+            }
+    }
+    return vf_sum(acc);
+}
+
+static float dot_blocks(const uint8_t *w, int type, long k, const float *in, const float *sums) {
+    switch (type) {
+    case Q8_0: return dot_q8_0(w, in, sums, k);
+    case Q4_0: return dot_q4_0(w, in, sums, k);
+    case Q5_0: return dot_q5_0(w, in, sums, k);
+    case Q4_K: return dot_q4_k(w, in, sums, k);
+    case Q5_K: return dot_q5_k(w, in, sums, k);
+    default: return dot_q6_k(w, in, sums, k);
+    }
+}
+
+#ifdef __AVX512BF16__
+/* With AVX512-BF16, a bf16 model's rows of blocks go through the bf16 dot-product instruction: 32 weights a step, their
+   products exact in float. A level v (0 to 127) becomes the bf16 of 128 + v by setting its low bits into the bf16
+   of 128 (0x4300), so each dot product below is sum (128 + v) x, and 128 times the input's sum is taken off after.
+   The input is its bf16 values (exactly what the bf16 model's input is); sums16 its sums over each 16. */
+#define BF16_OF_128 0x4300
+static inline __m512 pairs(__m512i levels, const uint16_t *in) {
+    return _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)levels, (__m512bh)_mm512_loadu_si512(in));
+}
+static inline __m512i words(const uint8_t *p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
+static inline __m512i with_offset(__m512i v) { return _mm512_or_si512(v, _mm512_set1_epi16(BF16_OF_128)); }
+static inline __m512i nibble_pair(const uint8_t *p) { /* 16 bytes: low nibbles, then high ones, as 32 words */
+    __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    __m256i low = _mm256_and_si256(q, _mm256_set1_epi16(15)), high = _mm256_srli_epi16(q, 4);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+}
+
+static float dot16_q4_0(const uint8_t *w, const uint16_t *in, const float *sums16, long k) {
+    __m512 acc = _mm512_setzero_ps();
+    float low = 0.0f;
+    for (long b = 0; b < k / 32; b++, w += 18, in += 32, sums16 += 2) {
+        _mm_prefetch((const char *)w + 4096, _MM_HINT_T0);
+        float d = half_at(w);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), pairs(with_offset(nibble_pair(w + 2)), in), acc);
+        low += 136.0f * d * (sums16[0] + sums16[1]); /* levels are q + 8 */
+    }
+    return _mm512_reduce_add_ps(acc) - low;
+}
+static float dot16_q5_0(const uint8_t *w, const uint16_t *in, const float *sums16, long k) {
+    __m512 acc = _mm512_setzero_ps();
+    float low = 0.0f;
+    for (long b = 0; b < k / 32; b++, w += 22, in += 32, sums16 += 2) {
+        _mm_prefetch((const char *)w + 4096, _MM_HINT_T0);
+        uint32_t high;
+        memcpy(&high, w + 2, 4);
+        __m512i levels = _mm512_or_si512(nibble_pair(w + 6), _mm512_maskz_mov_epi16(high, _mm512_set1_epi16(16)));
+        float d = half_at(w);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), pairs(with_offset(levels), in), acc);
+        low += 144.0f * d * (sums16[0] + sums16[1]); /* levels are q + 16 */
+    }
+    return _mm512_reduce_add_ps(acc) - low;
+}
+static float dot16_q4_k(const uint8_t *w, const uint16_t *in, const float *sums16, long k) {
+    __m512 acc = _mm512_setzero_ps();
+    float low = 0.0f;
+    for (long b = 0; b < k / 256; b++, w += 144, in += 256, sums16 += 16) {
+        _mm_prefetch((const char *)w + 4096, _MM_HINT_T0);
+        _mm_prefetch((const char *)w + 4096 + 64, _MM_HINT_T0);
+        float scale[8], min[8];
+        scales_mins_k(w + 4, half_at(w), half_at(w + 2), scale, min);
+        for (int c = 0; c < 4; c++) {
+            __m512i q = words(w + 16 + 32 * c);
+            __m512i lo = _mm512_ternarylogic_epi32(q, _mm512_set1_epi16(15), _mm512_set1_epi16(BF16_OF_128), 0xEA);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(scale[2 * c]), pairs(lo, in + 64 * c), acc);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(scale[2 * c + 1]), pairs(with_offset(_mm512_srli_epi16(q, 4)), in + 64 * c + 32), acc);
+        }
+        for (int s = 0; s < 8; s++) low += (128.0f * scale[s] + min[s]) * (sums16[2 * s] + sums16[2 * s + 1]);
+    }
+    return _mm512_reduce_add_ps(acc) - low;
+}
+static float dot16_q5_k(const uint8_t *w, const uint16_t *in, const float *sums16, long k) {
+    __m512 acc = _mm512_setzero_ps();
+    float low = 0.0f;
+    for (long b = 0; b < k / 256; b++, w += 176, in += 256, sums16 += 16) {
+        _mm_prefetch((const char *)w + 4096, _MM_HINT_T0);
+        _mm_prefetch((const char *)w + 4096 + 64, _MM_HINT_T0);
+        float scale[8], min[8];
+        scales_mins_k(w + 4, half_at(w), half_at(w + 2), scale, min);
+        __m512i qh = words(w + 16);
+        for (int s = 0; s < 8; s++) {
+            __m512i q = words(w + 48 + 32 * (s / 2));
+            __m512i nibble = s % 2 ? _mm512_srli_epi16(q, 4) : _mm512_and_si512(q, _mm512_set1_epi16(15));
+            __mmask32 fifth = _mm512_test_epi16_mask(qh, _mm512_set1_epi16((short)(1 << s)));
+            __m512i levels = _mm512_mask_add_epi16(nibble, fifth, nibble, _mm512_set1_epi16(16));
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(scale[s]), pairs(with_offset(levels), in + 32 * s), acc);
+            low += (128.0f * scale[s] + min[s]) * (sums16[2 * s] + sums16[2 * s + 1]);
+        }
+    }
+    return _mm512_reduce_add_ps(acc) - low;
+}
+static float dot16_q6_k(const uint8_t *w, const uint16_t *in, const float *sums16, long k) {
+    __m512 acc = _mm512_setzero_ps(), offsets = _mm512_setzero_ps();
+    /* a step's 32 weights have two scales: lanes 0-7 the first's, 8-15 the second's */
+    const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (long b = 0; b < k / 256; b++, w += 210, in += 256, sums16 += 16) {
+        for (int line = 0; line < 256; line += 64) _mm_prefetch((const char *)w + 4096 + line, _MM_HINT_T0);
+        __m512 scales = _mm512_mul_ps(_mm512_set1_ps(half_at(w + 208)),
+                                      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 192)))));
+        offsets = _mm512_fmadd_ps(scales, _mm512_loadu_ps(sums16), offsets); /* levels are q + 32 */
+        for (int h = 0; h < 2; h++) {
+            __m512i qh = words(w + 128 + 32 * h), ql0 = words(w + 64 * h), ql1 = words(w + 64 * h + 32);
+            __m512i low[4] = {
+                _mm512_and_si512(ql0, _mm512_set1_epi16(15)), _mm512_and_si512(ql1, _mm512_set1_epi16(15)),
+                _mm512_srli_epi16(ql0, 4), _mm512_srli_epi16(ql1, 4),
+            };
+            for (int u = 0; u < 4; u++) {
+                __m512i high = _mm512_and_si512(_mm512_slli_epi16(_mm512_srli_epi16(qh, 2 * u), 4), _mm512_set1_epi16(48));
+                __m512i levels = _mm512_ternarylogic_epi32(low[u], high, _mm512_set1_epi16(BF16_OF_128), 0xFE);
+                int group = (128 * h + 32 * u) / 16;
+                __m512 scale = _mm512_permutexvar_ps(_mm512_add_epi32(halves, _mm512_set1_epi32(group)), scales);
+                acc = _mm512_fmadd_ps(scale, pairs(levels, in + 128 * h + 32 * u), acc);
+            }
+        }
+    }
+    return _mm512_reduce_add_ps(acc) - 160.0f * _mm512_reduce_add_ps(offsets);
+}
+
+/* Whether the format has a bf16 kernel (Q8_0's levels are signed bytes, which the bf16 of 128 + v cannot hold). */
+static int has_bf16_dot(int type) { return type != Q8_0; }
+
+static float dot16_blocks(const uint8_t *w, int type, long k, const uint16_t *in, const float *sums16) {
+    switch (type) {
+    case Q4_0: return dot16_q4_0(w, in, sums16, k);
+    case Q5_0: return dot16_q5_0(w, in, sums16, k);
+    case Q4_K: return dot16_q4_k(w, in, sums16, k);
+    case Q5_K: return dot16_q5_k(w, in, sums16, k);
+    default: return dot16_q6_k(w, in, sums16, k);
+    }
+}
+#endif
+
+/* A row of blocks (k weights) as k floats. */
+static void row_floats(const uint8_t *w, int type, long k, float *out) {
+    long per = block_weights(type), bytes = block_bytes(type);
+    for (long b = 0; b < k / per; b++) block_floats(type, w + b * bytes, out + b * per);
+}
+
+/* blocks [rows, k / block weights blocks] -> out [rows, k] as float32, bfloat16 or float16 (rounded to nearest even).
+   Returns 0, or -1 when a row's buffer cannot be allocated. */
+int qwen3gen_dequantize(const uint8_t *blocks, int type, long rows, long k, void *out, int out_type, int threads) {
+    long row_bytes = k / block_weights(type) * block_bytes(type);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buffer = out_type == F32 ? NULL : aligned_alloc(64, (size_t)(k + 15) / 16 * 16 * sizeof(float));
+        if (out_type != F32 && !buffer) failed = 1;
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++) {
+            if (out_type == F32) {
+                row_floats(blocks + r * row_bytes, type, k, (float *)out + r * k);
+            } else if (buffer) {
+                row_floats(blocks + r * row_bytes, type, k, buffer);
+                for (long i = 0; i < k; i += 8) store8(out, out_type, r * k + i, _mm256_loadu_ps(buffer + i), k - i);
+            }
+        }
+        free(buffer);
+    }
+    return failed ? -1 : 0;
+}
+
 /* The input the product multiplies, in float, rounded where the PyTorch lines round: after silu and after its product
    with up; after the norm's scaling and after its weight. x has 2k values (gate then up) with swiglu, else k. */
 static void make_input(float *in, const void *x, int x_type, long k, const void *norm, int norm_type, float eps, int swiglu) {
@@ -292,6 +731,47 @@ int qwen3gen_matvec(const void *x, int x_type, const void *weight, int weight_ty
     float *in = aligned_alloc(32, (size_t)(rows * stride) * sizeof(float));
     if (!in) return -1;
     for (long r = 0; r < rows; r++) make_input(in + r * stride, (const char *)x + r * x_bytes, x_type, k, norm, norm_type, eps, swiglu);
+    if (IS_BLOCKS(weight_type)) {
+        long row_bytes = k / block_weights(weight_type) * block_bytes(weight_type);
+        int failed = 0;
+        float sums[k / 16]; /* the input's sums over each 16, for the formats' offsets (one input row) */
+        for (long j = 0; j < k / 16; j++) sums[j] = vf_sum(vf_add(vf_load(in + 16 * j), LANES == 16 ? vf_zero() : vf_load(in + 16 * j + 8)));
+#ifdef __AVX512BF16__
+        uint16_t in16[rows == 1 && x_type == BF16 && has_bf16_dot(weight_type) ? k : 1];
+        int bf16_dot = rows == 1 && x_type == BF16 && has_bf16_dot(weight_type);
+        for (long i = 0; bf16_dot && i < k; i++) in16[i] = bf16_bits(in[i]); /* exact: the input is bf16 values */
+#endif
+#pragma omp parallel num_threads(threads)
+        {
+            float *buffer = rows == 1 ? NULL : aligned_alloc(64, (size_t)(k + 15) / 16 * 16 * sizeof(float));
+            if (rows > 1 && !buffer) failed = 1;
+#pragma omp for schedule(static)
+            for (long row = 0; row < n; row++) {
+                const uint8_t *w = (const uint8_t *)weight + row * row_bytes;
+                if (rows == 1) {
+                    float v;
+#ifdef __AVX512BF16__
+                    v = bf16_dot ? dot16_blocks(w, weight_type, k, in16, sums) : dot_blocks(w, weight_type, k, in, sums);
+#else
+                    v = dot_blocks(w, weight_type, k, in, sums);
+#endif
+                    finish(v, row, 0, n, scale, scale_type, bias, bias_type, residual, x_type, out);
+                    continue;
+                }
+                if (!buffer) continue;
+                row_floats(w, weight_type, k, buffer); /* the row's weights once, for every input row */
+                for (long g = 0, R; g < rows; g += R) {
+                    R = rows - g == 5 ? 3 : rows - g < 4 ? rows - g : 4;
+                    float sums[4];
+                    multi_dot(buffer, F32, 0, 1, k, in + g * stride, stride, (int)R, sums);
+                    for (int r = 0; r < R; r++) finish(sums[r], row, g + r, n, scale, scale_type, bias, bias_type, residual, x_type, out);
+                }
+            }
+            free(buffer);
+        }
+        free(in);
+        return failed ? -1 : 0;
+    }
     if (rows == 1) {
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (long row = 0; row < n; row++)

@@ -34,8 +34,17 @@ import torch
 from torch import nn
 
 SOURCE = Path(__file__).with_name("cpu.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+# The instruction sets cpu.c is built for, best first, and their compiler flags: the library of the best one this CPU
+# has is loaded (QWEN3GEN_CPU_ISA names another). cpu.c's block formats run LANES-wide vectors of the set it is built for.
+ISAS = {
+    "avx512bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+}
 TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # cpu.c's enum
+# GGML's type numbers of the block formats cpu.c multiplies -> cpu.c's codes for them (its second enum).
+BLOCK_TYPES = {8: 4, 2: 5, 6: 6, 12: 7, 13: 8, 14: 9}  # Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K
 HUGE_PAGE = 2 << 20
 PAGED_PREFILL = False  # prefill steps run the reference lines (SDPA), compute-bound on a CPU anyway
 FUSED_HEAD = True  # in a decode step the output head is one more weight stream: matvec, with the final norm inside
@@ -49,27 +58,57 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QWEN3GEN_CACHE") or Path.home() / ".cache" / "qwen3gen")
 
 
-def cpu_supported() -> bool:
-    """Whether this CPU runs the kernel: x86-64 with AVX2 (PyTorch's own AVX2 kernels imply FMA and F16C too)."""
-    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+def supported_isas() -> list[str]:
+    """The instruction sets of ISAS this CPU runs, best first: x86-64 with AVX2 (PyTorch's own AVX2 kernels imply FMA
+    and F16C too), AVX-512 (F, BW, VL, DQ) where PyTorch finds it, and its BF16 extension where Linux lists it."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    found = {"AVX512": ["avx512", "avx2"], "AVX2": ["avx2"]}.get(torch.backends.cpu.get_cpu_capability(), [])
+    return (["avx512bf16"] if "avx512" in found and "avx512_bf16" in _cpu_flags() else []) + found
 
 
 @functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (none known elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+def cpu_supported() -> bool:
+    return bool(supported_isas())
+
+
+def isa() -> str:
+    """The instruction set whose library the kernels call: QWEN3GEN_CPU_ISA's, else the best this CPU has."""
+    return os.environ.get("QWEN3GEN_CPU_ISA") or next(iter(supported_isas()), "avx2")
+
+
 def _library() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded library, "") or (None, why not)."""
-    if not cpu_supported():
-        return None, f"the CPU kernel needs x86-64 with AVX2 (this is {platform.machine()}, {torch.backends.cpu.get_cpu_capability()})"
+    """(the loaded library of isa(), "") or (None, why not)."""
+    return _build(isa())
+
+
+@functools.cache
+def _build(name: str) -> tuple[ctypes.CDLL | None, str]:
+    if name not in ISAS:
+        return None, f"QWEN3GEN_CPU_ISA is {name!r}, not one of {', '.join(ISAS)}"
+    if name not in supported_isas():
+        capability = torch.backends.cpu.get_cpu_capability()
+        return None, f"the CPU kernel for {name} needs an x86-64 CPU with it (this is {platform.machine()}, {capability})"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler (cc or gcc, or $CC) to build the CPU kernel"
-    source = SOURCE.read_bytes()
-    path = cache_dir() / f"cpu-{hashlib.sha256(source + ' '.join(FLAGS).encode()).hexdigest()[:16]}.so"
+    source, flags = SOURCE.read_bytes(), FLAGS + ISAS[name]
+    path = cache_dir() / f"cpu-{name}-{hashlib.sha256(source + ' '.join(flags).encode()).hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         # Built beside its final name and renamed into place: another process never loads a half-written library.
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             built = Path(tmp) / path.name
-            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+            result = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
             if result.returncode != 0:
                 return None, f"{compiler} could not build the CPU kernel: {result.stderr.strip()[-500:]}"
             os.replace(built, path)
@@ -88,6 +127,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+    ]  # fmt: skip
+    library.qwen3gen_dequantize.restype = ctypes.c_int
+    library.qwen3gen_dequantize.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_int
     ]  # fmt: skip
     library.qwen3gen_decode_attention.restype = ctypes.c_int
     library.qwen3gen_decode_attention.argtypes = [
@@ -161,7 +204,42 @@ def matvec(
     """kernels.matvec's contract on the CPU: residual + linear(input) * scale + bias for x [1, rows, K] (or [1, rows,
     2K] with swiglu), rows from 1 to MATVEC_ROWS, where input is x, RMSNorm(x) (each row its own) with norm_weight, or
     silu(gate) * up; weight [N, K], residual [1, rows, N] or None: [1, rows, N]."""
-    n, k = weight.shape
+    w_ptr, w_type = _pointer(weight)
+    return _matvec(x, w_ptr, w_type, *weight.shape, scale, bias, norm_weight, eps, residual, swiglu)
+
+
+@matvec.register_fake
+def _(x, weight, scale, bias, norm_weight, eps, residual, swiglu):  # noqa: ANN001, ANN202
+    return x.new_empty(1, x.shape[1], weight.shape[0])
+
+
+@_opaque()
+def block_matvec(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    block_type: int,
+    k: int,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+    swiglu: bool,
+) -> torch.Tensor:
+    """matvec for a weight [N, k] held in one of GGML's block formats (GGML's type number block_type, a key of
+    BLOCK_TYPES): blocks [N, k / block weights * block bytes] uint8, each row's blocks decoded as they are multiplied."""
+    _check_blocks(blocks, block_type, k)
+    return _matvec(x, blocks.data_ptr(), BLOCK_TYPES[block_type], blocks.shape[0], k, None, bias, norm_weight, eps, residual, swiglu)
+
+
+@block_matvec.register_fake
+def _(x, blocks, block_type, k, bias, norm_weight, eps, residual, swiglu):  # noqa: ANN001, ANN202
+    return x.new_empty(1, x.shape[1], blocks.shape[0])
+
+
+def _matvec(
+    x: torch.Tensor, w_ptr: int, w_type: int, n: int, k: int, scale: torch.Tensor | None, bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None, swiglu: bool,
+) -> torch.Tensor:  # fmt: skip
     rows = x.shape[1] if x.dim() == 3 else 0
     if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != (2 * k if swiglu else k) or residual is not None and residual.shape != (1, rows, n):
         raise ValueError(
@@ -172,7 +250,7 @@ def matvec(
         raise ValueError(f"the CPU kernel takes 1 to MATVEC_ROWS = {MATVEC_ROWS} input rows, not {rows}")
     x, residual = x.contiguous(), None if residual is None else residual.contiguous()  # held while the kernel runs
     out = x.new_empty(1, rows, n)
-    (x_ptr, x_type), (w_ptr, w_type), *rest = [_pointer(t) for t in (x, weight, scale, bias, norm_weight)]
+    (x_ptr, x_type), *rest = [_pointer(t) for t in (x, scale, bias, norm_weight)]
     flat = [value for pair in rest for value in pair]  # scale, bias, norm weight: address and type each
     threads = torch.get_num_threads()
     status = _library()[0].qwen3gen_matvec(
@@ -183,9 +261,38 @@ def matvec(
     return out
 
 
-@matvec.register_fake
-def _(x, weight, scale, bias, norm_weight, eps, residual, swiglu):  # noqa: ANN001, ANN202
-    return x.new_empty(1, x.shape[1], weight.shape[0])
+def block_shape(block_type: int) -> tuple[int, int]:
+    """(weights, bytes) of one block of GGML's block format block_type (a key of BLOCK_TYPES)."""
+    return {8: (32, 34), 2: (32, 18), 6: (32, 22), 12: (256, 144), 13: (256, 176), 14: (256, 210)}[block_type]
+
+
+def _check_blocks(blocks: torch.Tensor, block_type: int, k: int) -> None:
+    """The kernels read a row of k / weights blocks per row of blocks: its shape checked, as a wrong one would reach
+    outside the tensor."""
+    if block_type not in BLOCK_TYPES:
+        raise ValueError(f"the CPU kernels take GGML's types {sorted(BLOCK_TYPES)}, not {block_type}")
+    weights, size = block_shape(block_type)
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or k % weights or blocks.shape[1] != k // weights * size:
+        raise ValueError(
+            f"GGML type {block_type}: a row of {k} weights is {k // weights} blocks of {size} bytes ({weights} weights "
+            f"each), not a {blocks.dtype} {list(blocks.shape)} tensor's row"
+        )
+    if not blocks.is_cpu or not blocks.is_contiguous():
+        raise TypeError("the CPU kernels take contiguous CPU block tensors")
+
+
+def dequantize(blocks: torch.Tensor, block_type: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weights [N, k] of blocks [N, k / block weights * block bytes] (GGML's type block_type) as dtype (float32,
+    bfloat16 or float16): each weight's float value as the gguf package computes it, then rounded to nearest even."""
+    _check_blocks(blocks, block_type, k)
+    out = torch.empty(blocks.shape[0], k, dtype=dtype)
+    code = _pointer(out)[1]
+    status = _library()[0].qwen3gen_dequantize(
+        blocks.data_ptr(), BLOCK_TYPES[block_type], blocks.shape[0], k, out.data_ptr(), code, torch.get_num_threads()
+    )
+    if status != 0:
+        raise MemoryError("the CPU kernel could not allocate its row buffer")
+    return out
 
 
 @_opaque(mutates_args=("k_cache", "v_cache"))

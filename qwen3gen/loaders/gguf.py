@@ -21,17 +21,20 @@ import json
 import re
 import struct
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..config import Qwen3Config
 from ..errors import CheckpointError, ModelNotFoundError
-from ..model import Qwen3
+from ..model import STACKED, Qwen3
 from ..tokenizer import Tokenizer
+from . import blocks
 from .checkpoint import allocate, load_progress, unallocated_model
 
 SUPPORTED_ARCHITECTURES = ("qwen3", "qwen2")
@@ -42,6 +45,7 @@ QWEN_SPLIT_REGEX = (
 )
 # llama.cpp's token types (tokenizer.ggml.token_type).
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+DENSE = {"F32", "F16", "BF16"}  # GGML's types that only convert
 _ROW_CHUNK_ELEMENTS = 1 << 22  # dequantize about 16 MB of float32 at a time
 GGUF_MAGIC = b"GGUF"
 _HEADER_BYTES = 24  # magic, version, tensor count, metadata count
@@ -384,7 +388,9 @@ class GGUFCheckpoint:
         return _backend_from_json(json.dumps(spec, ensure_ascii=False), self.path)
 
     def load_model(self, device: torch.device, dtype: torch.dtype, huge_pages: bool = True) -> Qwen3:
-        """Build the model without initialising it, then dequantize each tensor into place, a slice of rows at a time."""
+        """Build the model without initialising it; on a CPU, every layer whose matrices are all in a block format of
+        blocks.py keeps them as they are, memory-mapped from the file; every other tensor is dequantized into place, a
+        slice of rows at a time (with a notice for a quantized one)."""
         gguf = _import_gguf()
         model = unallocated_model(self.config, dtype)
         params = {gguf_name(name): t for name, t in model.checkpoint_tensors()}
@@ -398,12 +404,61 @@ class GGUFCheckpoint:
         extra = sorted(set(self.tensors) - set(params))
         if extra:
             raise CheckpointError(f"{self.path.name} has a tensor {extra[0]} that this architecture does not use.")
+        kept = self._block_layers(model) if device.type == "cpu" else {}
+        for path in kept:  # out of the model while the dense rest is allocated
+            model.set_submodule(path, nn.Identity())
         allocate(model, device, huge_pages)  # new storage: the parameters are looked up again
         with torch.no_grad():
+            for path, names in kept.items():
+                model.set_submodule(path, self._block_layer(path, names, dtype, gguf))
+            if "embed_tokens" in kept and model.lm_head is None:  # a tied head multiplies the embedding's blocks
+                model.lm_head = blocks.BlockLinear([model.embed_tokens.matrix])
             targets = list(model.checkpoint_tensors())
+            types = {self.tensors[gguf_name(n)].tensor_type for n, t in targets if t.dim() == 2}
+            dequantized = sorted(t.name for t in types if t.name not in DENSE and (device.type != "cpu" or t not in blocks.NAMES))
+            if dequantized:
+                where = "with the layers they are part of" if device.type == "cpu" else f"as every quantized type is on {device.type}"
+                warnings.warn(
+                    f"{self.path.name}: its {', '.join(dequantized)} tensors are dequantized to {str(dtype).split('.')[-1]} at "
+                    f"load, {where}; the formats kept as they are on a CPU: {', '.join(blocks.NAMES.values())}.",
+                    stacklevel=2,
+                )
             for name, target in load_progress(targets, len(targets), self.path.name):
                 dequantize_into(self.tensors[gguf_name(name)], target, gguf)
         return model.eval()
+
+    def _block_layers(self, model: Qwen3) -> dict[str, list[str]]:
+        """Module path -> the GGUF names of its matrices, for the embedding and each linear layer whose matrices are
+        all in a format of blocks.NAMES."""
+        layers = {}
+        for path, module in model.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Embedding)):
+                continue
+            layer, local = (path.split(".", 2)[:2], path.split(".", 2)[2]) if path.startswith("layers.") else ([], path)
+            names = [gguf_name(".".join([*layer, part, "weight"])) for part in STACKED.get(local, (local,))]
+            if all(int(self.tensors[n].tensor_type) in blocks.NAMES for n in names):
+                layers[path] = names
+        return layers
+
+    def _block_layer(self, path: str, names: list[str], dtype: torch.dtype, gguf: Any) -> nn.Module:
+        """The layer at path as blocks.py's: its matrices' blocks viewed in the file's memory map (nothing read yet),
+        its biases (Qwen2's q/k/v) dequantized to dtype."""
+        matrices = []
+        for name in names:
+            tensor = self.tensors[name]
+            rows = torch.from_numpy(tensor.data.reshape(-1, tensor.data.shape[-1]))  # a view of the mapped file
+            matrices.append(blocks.BlockMatrix(rows, int(tensor.tensor_type), int(tensor.shape[0])))
+        if path == "embed_tokens":
+            return blocks.BlockEmbedding(matrices[0], dtype)
+        biases = [self.tensors.get(name.replace(".weight", ".bias")) for name in names]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.empty(sum(m.rows for m in matrices), dtype=dtype)
+            start = 0
+            for tensor, matrix in zip(biases, matrices):
+                dequantize_into(tensor, bias[start : start + matrix.rows][None], gguf)
+                start += matrix.rows
+        return blocks.BlockLinear(matrices, bias)
 
 
 def dequantize_into(tensor: Any, out: torch.Tensor, gguf: Any = None) -> None:
@@ -415,6 +470,44 @@ def dequantize_into(tensor: Any, out: torch.Tensor, gguf: Any = None) -> None:
     for start in range(0, out.shape[0], step):
         values = gguf.quants.dequantize(rows[start : start + step], tensor.tensor_type)
         out[start : start + step].copy_(torch.from_numpy(np.ascontiguousarray(values)))
+
+
+def _looks_special(token: str) -> bool:
+    """llama.cpp's does_token_look_special, as far as Qwen's tokens go."""
+    return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
+
+
+def write_tokenizer(writer: Any, checkpoint: Path, vocab_size: int) -> None:
+    """Qwen's tokenizer files in `checkpoint` into a gguf.GGUFWriter, as llama.cpp's converter writes them (get_vocab_base
+    and SpecialVocab, tokenizer model "gpt2"): for test and benchmark files made here."""
+    gguf = _import_gguf()
+    tok = json.loads((checkpoint / "tokenizer.json").read_text(encoding="utf-8"))
+    cfg = json.loads((checkpoint / "tokenizer_config.json").read_text(encoding="utf-8"))
+    reverse = {i: t for t, i in tok["model"]["vocab"].items()}
+    added = {a["id"]: a for a in tok["added_tokens"]}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in added:
+            tokens.append(added[i]["content"])
+            special = added[i]["special"] or _looks_special(added[i]["content"])
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        elif i in reverse:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+    ids = {a["content"]: a["id"] for a in tok["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(151643)  # config.json's bos_token_id (tokenizer_config.json has none)
+    writer.add_eos_token_id(ids[cfg["eos_token"]])
+    writer.add_pad_token_id(ids[cfg["pad_token"]])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(cfg["chat_template"])
 
 
 def _decimal(value: float) -> float:

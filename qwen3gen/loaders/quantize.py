@@ -1,7 +1,9 @@
-"""Weight-only int8: each output channel of every linear layer (and the output head) stored as int8 with one scale.
+"""Weight-only quantization of every linear layer (and the output head); activations stay in the model's dtype.
 
-Decoding reads every weight once per token, so halving the bytes of the weights nearly halves the time
-per token where memory bandwidth is the limit. Activations stay in the model's dtype.
+Decoding reads every weight once per token, so halving the bytes of the weights nearly halves the time per token where
+memory bandwidth is the limit. int8: each output channel as int8 with one scale (every device). int4: llama.cpp's Q4_0
+blocks (32 weights share a float16 scale: 4.5 bits a weight), multiplied by the CPU's block kernels (blocks.py), so
+on the CPU only.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 from ..choices import QUANTIZATIONS
 from ..errors import InvalidParameterError
 from ..model import Qwen3
+from .blocks import BlockLinear, BlockMatrix, quantize_q4_0
 
 
 def quantize_per_channel(weight: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,19 +50,33 @@ class Int8Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+def check_quantization(method: str | None, device: torch.device) -> None:
+    """Refuse a quantization that does not exist, or int4 off the CPU."""
+    if method is not None and method not in QUANTIZATIONS:
+        raise InvalidParameterError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), not {method!r}.")
+    if method == "int4" and device.type != "cpu":
+        raise InvalidParameterError(f"int4 runs on the CPU only (its kernels are CPU kernels), not on {device.type}; use int8 there.")
+
+
 def quantize(model: Qwen3, method: str) -> Qwen3:
-    """Replace every linear layer in place, so that the memory held peaks near the larger of the float and the int8
-    model rather than at both; a tied head gets its own int8 copy (the embedding lookup stays exact)."""
-    if method not in QUANTIZATIONS:
-        raise InvalidParameterError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {method!r}.")
+    """Replace every linear layer in place, so that the memory held peaks near the larger of the float and the
+    quantized model rather than at both; a tied head gets its own quantized copy (the embedding lookup stays exact)."""
+    check_quantization(method, model.norm.weight.device)
+
+    def quantized(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+        if method == "int8":
+            return Int8Linear(weight, bias)
+        blocks = BlockMatrix(quantize_q4_0(weight.detach()), 2, weight.shape[1])
+        return BlockLinear([blocks], None if bias is None else bias.detach())
+
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     with torch.no_grad():
-        for name in names:  # one layer at a time, each float matrix freed once its int8 copy exists
+        for name in names:  # one layer at a time, each float matrix freed once its quantized copy exists
             parent, _, attribute = name.rpartition(".")
             module = model.get_submodule(parent)
             linear = getattr(module, attribute)
-            setattr(module, attribute, Int8Linear(linear.weight, linear.bias))
+            setattr(module, attribute, quantized(linear.weight, linear.bias))
             del linear
-        if not isinstance(model.lm_head, Int8Linear):
-            model.lm_head = Int8Linear(model.output_weight)
+        if model.lm_head is None:
+            model.lm_head = quantized(model.embed_tokens.weight)
     return model
