@@ -43,8 +43,12 @@ ISAS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }
 TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # cpu.c's enum
-# GGML's type numbers of the block formats cpu.c multiplies -> cpu.c's codes for them (its second enum).
-BLOCK_TYPES = {8: 4, 2: 5, 6: 6, 12: 7, 13: 8, 14: 9}  # Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K
+# GGML's block formats cpu.c multiplies: GGML's type number -> (name, cpu.c's code (its second enum), weights a block,
+# bytes a block).
+BLOCK_FORMATS = {
+    8: ("Q8_0", 4, 32, 34), 2: ("Q4_0", 5, 32, 18), 6: ("Q5_0", 6, 32, 22),
+    12: ("Q4_K", 7, 256, 144), 13: ("Q5_K", 8, 256, 176), 14: ("Q6_K", 9, 256, 210),
+}  # fmt: skip
 HUGE_PAGE = 2 << 20
 PAGED_PREFILL = False  # prefill steps run the reference lines (SDPA), compute-bound on a CPU anyway
 FUSED_HEAD = True  # in a decode step the output head is one more weight stream: matvec, with the final norm inside
@@ -226,9 +230,10 @@ def block_matvec(
     swiglu: bool,
 ) -> torch.Tensor:
     """matvec for a weight [N, k] held in one of GGML's block formats (GGML's type number block_type, a key of
-    BLOCK_TYPES): blocks [N, k / block weights * block bytes] uint8, each row's blocks decoded as they are multiplied."""
-    _check_blocks(blocks, block_type, k)
-    return _matvec(x, blocks.data_ptr(), BLOCK_TYPES[block_type], blocks.shape[0], k, None, bias, norm_weight, eps, residual, swiglu)
+    BLOCK_FORMATS): blocks [N, k / block weights * block bytes] uint8, each row's blocks decoded as they are multiplied."""
+    check_blocks(blocks, block_type, k)
+    code = BLOCK_FORMATS[block_type][1]
+    return _matvec(x, blocks.data_ptr(), code, blocks.shape[0], k, None, bias, norm_weight, eps, residual, swiglu)
 
 
 @block_matvec.register_fake
@@ -262,15 +267,15 @@ def _matvec(
 
 
 def block_shape(block_type: int) -> tuple[int, int]:
-    """(weights, bytes) of one block of GGML's block format block_type (a key of BLOCK_TYPES)."""
-    return {8: (32, 34), 2: (32, 18), 6: (32, 22), 12: (256, 144), 13: (256, 176), 14: (256, 210)}[block_type]
+    """(weights, bytes) of one block of GGML's block format block_type (a key of BLOCK_FORMATS)."""
+    return BLOCK_FORMATS[block_type][2:]
 
 
-def _check_blocks(blocks: torch.Tensor, block_type: int, k: int) -> None:
+def check_blocks(blocks: torch.Tensor, block_type: int, k: int) -> None:
     """The kernels read a row of k / weights blocks per row of blocks: its shape checked, as a wrong one would reach
     outside the tensor."""
-    if block_type not in BLOCK_TYPES:
-        raise ValueError(f"the CPU kernels take GGML's types {sorted(BLOCK_TYPES)}, not {block_type}")
+    if block_type not in BLOCK_FORMATS:
+        raise ValueError(f"the CPU kernels take GGML's types {sorted(BLOCK_FORMATS)}, not {block_type}")
     weights, size = block_shape(block_type)
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or k % weights or blocks.shape[1] != k // weights * size:
         raise ValueError(
@@ -284,11 +289,11 @@ def _check_blocks(blocks: torch.Tensor, block_type: int, k: int) -> None:
 def dequantize(blocks: torch.Tensor, block_type: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """The weights [N, k] of blocks [N, k / block weights * block bytes] (GGML's type block_type) as dtype (float32,
     bfloat16 or float16): each weight's float value as the gguf package computes it, then rounded to nearest even."""
-    _check_blocks(blocks, block_type, k)
+    check_blocks(blocks, block_type, k)
     out = torch.empty(blocks.shape[0], k, dtype=dtype)
     code = _pointer(out)[1]
     status = _library()[0].qwen3gen_dequantize(
-        blocks.data_ptr(), BLOCK_TYPES[block_type], blocks.shape[0], k, out.data_ptr(), code, torch.get_num_threads()
+        blocks.data_ptr(), BLOCK_FORMATS[block_type][1], blocks.shape[0], k, out.data_ptr(), code, torch.get_num_threads()
     )
     if status != 0:
         raise MemoryError("the CPU kernel could not allocate its row buffer")

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..kernels import cpu
 
-NAMES = {8: "Q8_0", 2: "Q4_0", 6: "Q5_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}  # GGML's type numbers
+NAMES = {block_type: f[0] for block_type, f in cpu.BLOCK_FORMATS.items()}  # GGML's type number -> its name
 SLICE_ELEMENTS = 1 << 21  # weights decoded at a time in a prefill's product: a few MB, in cache while multiplied
 
 
@@ -96,7 +96,7 @@ def dequantize(blocks: torch.Tensor, block_type: int, k: int, dtype: torch.dtype
     PyTorch lines."""
     if cpu.available(blocks.device):
         return cpu.dequantize(blocks.contiguous(), block_type, k, dtype)
-    weights, size = cpu.block_shape(block_type)
+    size = cpu.block_shape(block_type)[1]
     return reference_dequantize(blocks.reshape(-1, size), block_type).reshape(blocks.shape[0], k).to(dtype)
 
 
@@ -106,9 +106,7 @@ class BlockMatrix(nn.Module):
 
     def __init__(self, blocks: torch.Tensor, block_type: int, k: int) -> None:
         super().__init__()
-        weights, size = cpu.block_shape(block_type)
-        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or k % weights or blocks.shape[1] != k // weights * size:
-            raise ValueError(f"{NAMES[block_type]} rows of {k} weights are {k // weights * size} bytes, not {list(blocks.shape)}")
+        cpu.check_blocks(blocks, block_type, k)
         self.register_buffer("blocks", blocks, persistent=False)
         self.block_type, self.k = block_type, k
 

@@ -434,7 +434,7 @@ class GGUFCheckpoint:
         for path, module in model.named_modules():
             if not isinstance(module, (nn.Linear, nn.Embedding)):
                 continue
-            layer, local = (path.split(".", 2)[:2], path.split(".", 2)[2]) if path.startswith("layers.") else ([], path)
+            *layer, local = path.split(".", 2)  # ["layers", "3"], "mlp.gate_up_proj"; [], "embed_tokens"
             names = [gguf_name(".".join([*layer, part, "weight"])) for part in STACKED.get(local, (local,))]
             if all(int(self.tensors[n].tensor_type) in blocks.NAMES for n in names):
                 layers[path] = names
