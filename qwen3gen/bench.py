@@ -207,7 +207,7 @@ def run_bench(
 ) -> tuple[dict, list[BenchRow]]:
     """Measure every engine in turn; on_row(setup, row) sees each row as soon as it is measured."""
     dev = parse_device(device)
-    dt = parse_dtype(dtype) or default_dtype(dev, quantization)
+    dt = parse_dtype(dtype) or default_dtype(dev, bool(quantization))
     model, checkpoint_dir = load_bench_model(model_name, preset_name, dev, dt)
     cfg = model.config
     generator = torch.Generator().manual_seed(0)

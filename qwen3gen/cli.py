@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .choices import ENGINES, QUANTIZATIONS, THROUGHPUT_ENGINES
+from .choices import ENGINES, GGUF_ENGINES, QUANTIZATIONS, THROUGHPUT_ENGINES
 from .errors import InvalidParameterError, Qwen3GenError
 
 if TYPE_CHECKING:
@@ -25,9 +25,9 @@ if TYPE_CHECKING:
 def add_model_options(parser: argparse.ArgumentParser, default_model: str) -> None:
     parser.add_argument("--model", default=default_model, help=f"checkpoint folder, Hub repo id, .gguf file, or alias base/reasoning (default: {default_model})")
     parser.add_argument("--device", help="cuda, mps, xpu or cpu (default: the first available, in that order)")
-    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs, float32 on CPU)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs and for quantized weights, else float32)")
     parser.add_argument("--compile", action="store_true", help="compile the model's blocks with torch.compile and, on a GPU, run each step as a CUDA graph (warm-up: tens of seconds)")
-    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization (int8: per-channel scales; int4: Q4_0 blocks, CPU only)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization (int8: per-channel scales; int4: Q4_K blocks, CPU only)")
     add_engine_options(parser)
 
 
@@ -97,17 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("model", help="Hub repo id or alias (base, reasoning)")
 
     bench = commands.add_parser("bench", help="decode speed of qwen3gen against transformers, in one run")
-    bench.add_argument("--model", help="a checkpoint (default: random weights of --preset's shape, offline)")
+    bench.add_argument("--model", help="a checkpoint (default: random weights of --preset's shape, offline); a .gguf file: qwen3gen against llama.cpp on it")
     bench.add_argument("--preset", default="0.6B", help="model shape when no --model is given (default: 0.6B)")
     bench.add_argument("--device", help="cuda, mps, xpu or cpu (default: the first available)")
-    bench.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs, float32 on CPU)")
+    bench.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs and for quantized weights, else float32)")
     bench.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization of qwen3gen's model")
     bench.add_argument("--prompt-tokens", type=int, default=32, help="prompt length of every row (default: 32)")
     bench.add_argument("--new-tokens", type=int, default=256, help="tokens generated per row, EOS ignored (default: 256)")
     bench.add_argument("--batch", type=int, default=1, help="rows decoded together")
     bench.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up run)")
-    bench.add_argument("--engines", help=f"comma-separated subset of {','.join(ENGINES)} (with --throughput: of {','.join(THROUGHPUT_ENGINES)})")
+    bench.add_argument("--engines", help=f"comma-separated subset of {','.join(ENGINES)} (with --throughput: of {','.join(THROUGHPUT_ENGINES)}; with a .gguf --model: of {','.join(GGUF_ENGINES)})")
     bench.add_argument("--json", action="store_true", help="print the setup and rows as JSON")
+    bench.add_argument("--prefill-tokens", type=int, default=512, help="with a .gguf --model: the prefill prompt's length (default: 512)")
     workload = bench.add_argument_group("--throughput: the offline workload (defaults: 256 requests of 100-1,024 + 100-1,024 tokens on a GPU, 8 of 16-64 + 16-64 on a CPU)")
     workload.add_argument("--throughput", action="store_true", help="many requests of random lengths through the engine and transformers' continuous batching")
     workload.add_argument("--requests", type=int, help="how many requests")
@@ -229,13 +230,14 @@ def run_bench_command(args: argparse.Namespace) -> None:
         run_bench, run_throughput, to_json,
     )
 
-    counts = ("prompt_tokens", "new_tokens", "batch", "reps", "requests", "concurrency", "max_batched_tokens")
+    counts = ("prompt_tokens", "new_tokens", "batch", "reps", "requests", "concurrency", "max_batched_tokens", "prefill_tokens")
     counts += ("min_prompt_tokens", "max_prompt_tokens", "min_output_tokens", "max_output_tokens")
     for name in counts:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InvalidParameterError(f"--{name.replace('_', '-')} must be at least 1, not {value}.")
-    known = THROUGHPUT_ENGINES if args.throughput else ENGINES
+    gguf = bool(args.model) and args.model.endswith(".gguf") and not (args.throughput or args.serve)
+    known = GGUF_ENGINES if gguf else THROUGHPUT_ENGINES if args.throughput else ENGINES
     engines = tuple(e.strip() for e in (args.engines or ",".join(known)).split(",") if e.strip())
     unknown = [e for e in engines if e not in known]
     if unknown:
@@ -252,6 +254,22 @@ def run_bench_command(args: argparse.Namespace) -> None:
 
         return show
 
+    if gguf:
+        from .gguf_bench import GGUF_TABLE_HEAD, format_gguf_row, format_gguf_setup, gguf_json, run_gguf_bench
+
+        def show_gguf(setup: dict, row: object) -> None:
+            if not shown:
+                print(format_gguf_setup(setup), "", GGUF_TABLE_HEAD, sep="\n")
+            shown.append(row)
+            print(format_gguf_row(row, setup), flush=True)
+
+        setup, rows = run_gguf_bench(
+            args.model, engines, args.prompt_tokens, args.new_tokens,
+            args.prefill_tokens, args.reps, on_row=None if args.json else show_gguf,
+        )  # fmt: skip
+        if args.json:
+            print(gguf_json(setup, rows))
+        return
     if args.serve:
         from .serve_bench import SERVE_TABLE_HEAD, format_serve_row, format_serve_setup, run_serve_bench
 

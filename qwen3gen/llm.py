@@ -365,13 +365,14 @@ def load(
 ) -> LLM:
     """Load a checkpoint folder, a Hub repo id, an alias ("base", "reasoning"), or a .gguf file (qwen3, qwen2).
 
-    quantization="int8" stores the linear weights as int8 (per-channel scales), "int4" as Q4_0 blocks (CPU only), with
-    bf16 activations by default. A .gguf file's Q8_0, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K layers stay as they are on a CPU.
+    quantization="int8" stores the linear weights as int8 (per-channel scales), "int4" as Q4_K blocks (CPU only), with
+    bf16 activations by default. A .gguf file's Q8_0, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K layers stay as they are on a CPU
+    (bf16 activations by default where the file is quantized).
     engine_options: kv_memory (bytes or "8GiB"), max_running, max_batched_tokens, block_size, kernels (engine.Engine).
     The device, dtype, quantization and option names (and kv_memory's format) are checked before anything is read.
     """
     device = parse_device(device)
-    dtype = parse_dtype(dtype) or default_dtype(device, quantization)
+    dtype = parse_dtype(dtype)
     check_quantization(quantization, device)
     # Engine's own keyword options, less those LLM passes itself.
     options = [
@@ -392,6 +393,8 @@ def load(
         directory = resolve(str(model))
         checkpoint = Checkpoint.open(directory)
         tokenizer, read_weights = Tokenizer.from_dir(directory), load_model
+    quantized = bool(quantization) or getattr(checkpoint, "quantized", False)
+    dtype = dtype or default_dtype(device, quantized)
     weights = read_weights(checkpoint, device, dtype, huge_pages=not quantization)  # (quantized: placed after)
     if quantization:
         weights = quantize(weights, quantization)

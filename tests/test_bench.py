@@ -88,3 +88,52 @@ def test_serve_bench_gets_every_token_over_http(tiny_checkpoint):
     assert [r.output_tokens for r in rows[1:]] == [3 * 16] * 4  # every token of every request came back
     with pytest.raises(qwen3gen.InvalidParameterError, match="--tokenizer"):
         run_serve_bench(None, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_q8_gguf(tiny_checkpoint, tmp_path_factory):
+    """The tiny model as a GGUF file of Q8_0 blocks (kept as blocks on a CPU) with the real tokenizer's metadata."""
+    from gguf import GGMLQuantizationType
+    from test_gguf import write_gguf
+
+    return write_gguf(tmp_path_factory.mktemp("bench-gguf") / "tiny-q8_0.gguf", tiny_checkpoint, GGMLQuantizationType.Q8_0)
+
+
+def test_gguf_bench_measures_qwen3gen_in_its_own_process(tiny_q8_gguf, monkeypatch):
+    """Every figure of the row filled; llama.cpp, when llama-cpp-python is missing, is a row that says how to get it."""
+    import importlib.util
+
+    from qwen3gen.gguf_bench import run_gguf_bench
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a))
+    setup, rows = run_gguf_bench(str(tiny_q8_gguf), prompt_tokens=6, new_tokens=5, prefill_tokens=20, reps=1)
+    missing, ours = rows
+    assert missing.engine == "llama.cpp" and "pip install llama-cpp-python" in missing.error
+    assert ours.engine == "qwen3gen" and ours.error is None and len(ours.tokens) == 5
+    assert ours.decode_tokens_per_s > 0 and ours.prefill_tokens_per_s > 0 and ours.peak_rss_gb > 0
+    assert 0 < ours.load_s < ours.ready_s
+    assert ours.decode_vs_llama_cpp is None and setup["file_gb"] > 0 and setup["threads"] >= 1
+
+
+def test_gguf_bench_command_prints_its_table_and_a_crash_as_a_row(tiny_q8_gguf, tmp_path, capsys):
+    code = cli.main(["bench", "--model", str(tiny_q8_gguf), "--engines", "qwen3gen", "--prompt-tokens", "4", "--new-tokens", "3", "--prefill-tokens", "8", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| engine | decode tok/s | x llama.cpp | prefill tok/s" in out
+    assert out.strip().splitlines()[-1].startswith("| qwen3gen | ")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(tiny_q8_gguf.read_bytes()[:4096])  # cut short: the child's load fails with a clear sentence
+    code = cli.main(["bench", "--model", str(broken), "--engines", "qwen3gen", "--new-tokens", "3", "--reps", "1"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 0 and last.startswith("| qwen3gen | exited with status 1: ") and "Traceback" not in last
+
+
+def test_gguf_bench_against_llama_cpp(tiny_q8_gguf):
+    """Both engines on the same file: the same greedy tokens (float arithmetic on both sides of a tiny random model,
+    so only the first few are asserted) and the ratios against llama.cpp's row."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional benchmark dependency")
+    from qwen3gen.gguf_bench import run_gguf_bench
+
+    _, (theirs, ours) = run_gguf_bench(str(tiny_q8_gguf), prompt_tokens=6, new_tokens=5, prefill_tokens=20, reps=1)
+    assert theirs.error is None and ours.error is None, (theirs.error, ours.error)
+    assert ours.decode_vs_llama_cpp > 0 and ours.prefill_vs_llama_cpp > 0 and ours.same_tokens >= 1

@@ -87,17 +87,62 @@ def test_block_matvec_equals_dequantize_then_pytorch(isa, qtype, dtype, case, ro
     if "residual" in case:
         residual = torch.randn(1, rows, n, dtype=dtype)
         expected = residual.float() + expected.to(dtype).float()
-    out = cpu.block_matvec(x, raw, int(qtype), k, bias, norm_weight, 1e-6, residual, "swiglu" in case)
+    out = cpu.block_matvec(x, [raw], [int(qtype)], k, bias, norm_weight, 1e-6, residual, "swiglu" in case)
     assert out.dtype == dtype and out.shape == (1, rows, n)
     scale = expected.abs().max().item()
     tolerance = dict(atol=1e-5 * scale, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.01 * scale, rtol=0.01)
     torch.testing.assert_close(out.float(), expected.to(dtype).float(), **tolerance)
 
 
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_decode_product_is_the_exact_product_rounded(isa, qtype, dtype):
+    """One 16-bit input row (bf16 on AVX-512: multiplied in integers, make_words): each output is within its rounding to the
+    output's type of the float64 product of the dequantized weights and the input, plus what make_words' rounding
+    can cost, each value off by at most 2^-16 of its group's largest (a block, or a K superblock). The input spans 2^12
+    within its groups, so that some of its values do lose bits."""
+    torch.manual_seed(0)
+    group = 256 if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 32
+    n, k = 256, 512 if group == 256 else 544  # 17 blocks: the last of an odd count alone
+    raw = torch.from_numpy(block_rows(qtype, n, k))
+    weight = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), qtype)).double()
+    x = (torch.randn(1, 1, k) * torch.logspace(-6, 6, k, base=2.0)[torch.randperm(k)]).to(dtype)
+    out = cpu.block_matvec(x, [raw], [int(qtype)], k, None, None, 0.0, None, False).double()
+    exact = F.linear(x.double(), weight)
+    largest = x.double().abs().view(k // group, group).amax(1).repeat_interleave(group)
+    words = F.linear(largest, weight.abs()) * 2**-16
+    bound = words + (exact.abs() + words) * torch.finfo(dtype).eps + 1e-6 * F.linear(x.double().abs(), weight.abs())
+    assert ((out - exact).abs() <= bound).all()
+    assert (out == exact.to(dtype).double()).float().mean() > 0.9  # most are the exact product, rounded
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_parts_of_several_formats_in_one_call_are_each_part_alone(isa, dtype, rows):
+    """A layer stacked from parts of every word layout (Q8_0's, Q4_0's pairs, the K formats'): one call is each part's
+    own call, side by side, with the norm inside and a bias and residual across the parts' rows."""
+    torch.manual_seed(0)
+    k, sizes = 512, {Q.Q4_K: 5, Q.Q8_0: 3, Q.Q4_0: 7, Q.Q6_K: 4}
+    raws = [torch.from_numpy(block_rows(qtype, n, k, seed=i)) for i, (qtype, n) in enumerate(sizes.items())]
+    types = [int(qtype) for qtype in sizes]
+    n = sum(sizes.values())
+    x, norm = torch.randn(1, rows, k).to(dtype), (torch.rand(k) + 0.5).to(dtype)
+    bias, residual = torch.randn(n, dtype=dtype), torch.randn(1, rows, n, dtype=dtype)
+    together = cpu.block_matvec(x, raws, types, k, bias, norm, 1e-6, residual, False)
+    alone, start = [], 0
+    for raw, qtype in zip(raws, types):
+        stop = start + raw.shape[0]
+        alone.append(cpu.block_matvec(x, [raw], [qtype], k, bias[start:stop], norm, 1e-6, residual[..., start:stop], False))
+        start = stop
+    assert torch.equal(together, torch.cat(alone, dim=-1))
+    with pytest.raises(ValueError, match="one block type per part"):
+        cpu.block_matvec(x, raws, types[:2], k, None, None, 0.0, None, False)
+
+
 def test_the_block_kernels_refuse_a_wrong_shape():
     raw = torch.from_numpy(block_rows(Q.Q4_K, 4, 512))
     with pytest.raises(ValueError, match="a row of 256 weights is 1 blocks of 144 bytes"):
-        cpu.block_matvec(torch.randn(1, 1, 256), raw, int(Q.Q4_K), 256, None, None, 0.0, None, False)
+        cpu.block_matvec(torch.randn(1, 1, 256), [raw], [int(Q.Q4_K)], 256, None, None, 0.0, None, False)
     with pytest.raises(ValueError, match="GGML's types"):
         cpu.dequantize(raw, int(Q.Q2_K), 512, torch.float32)
 
@@ -203,9 +248,22 @@ def test_a_format_not_kept_is_dequantized_with_a_notice(tmp_path, tokenizer_dir)
     assert isinstance(model.layers[0].mlp.down_proj, BlockLinear)
 
 
+def assert_round_trip(int4, bf16, ids, quantizer, block_type) -> None:
+    """int4's logits are the bf16 model's with each matrix (and the tied head, as a matrix of its own) put through the
+    quantizer and back (bf16 is changed)."""
+    round_trip = lambda w: blocks.dequantize(quantizer(w), block_type, w.shape[1], torch.bfloat16)  # noqa: E731
+    same = bf16.model
+    with torch.inference_mode():
+        for module in [m for m in same.modules() if isinstance(m, torch.nn.Linear)]:
+            module.weight.copy_(round_trip(module.weight))
+        same.lm_head = torch.nn.Linear(*same.embed_tokens.weight.shape[::-1], bias=False, dtype=torch.bfloat16)
+        same.lm_head.weight.copy_(round_trip(same.embed_tokens.weight))
+        assert torch.equal(int4.model(ids), same(ids))
+
+
 def test_int4_quality_and_its_kernels(tiny_checkpoint):
-    """int4 (Q4_0 blocks of every linear layer and a copy of the tied head): greedy agreement and KL to bf16 beside
-    int8's (printed), and through the engine, the kernels' tokens equal the PyTorch lines' (float32 activations)."""
+    """int4 of rows of 64 (Q4_0 blocks of every linear layer and a copy of the tied head): greedy agreement and KL to
+    bf16 beside int8's (printed), and through the engine, the kernels' tokens equal the PyTorch lines' (float32 activations)."""
     bf16 = qwen3gen.load(tiny_checkpoint, device="cpu", dtype="bfloat16")
     int4 = qwen3gen.load(tiny_checkpoint, device="cpu", quantization="int4")
     int8 = qwen3gen.load(tiny_checkpoint, device="cpu", quantization="int8")
@@ -221,16 +279,8 @@ def test_int4_quality_and_its_kernels(tiny_checkpoint):
     # Q4_0 of random (Gaussian, outlier-free) weights errs by about 9% of each matrix's norm (int8 per channel by
     # about 1%): on this 2-layer model that is a KL near 1 nat. A guard against regressions, not a quality claim.
     assert int4_agree >= 0.25 and int4_kl < 2.0 and int4_kl > int8_kl
-    # Exactly what the bf16 model computes with each matrix put through Q4_0 and back (the tied head as a matrix of
-    # its own): nothing else is lost.
-    round_trip = lambda w: blocks.dequantize(blocks.quantize_q4_0(w), 2, w.shape[1], torch.bfloat16)  # noqa: E731
-    same = bf16.model
-    with torch.inference_mode():
-        for module in [m for m in same.modules() if isinstance(m, torch.nn.Linear)]:
-            module.weight.copy_(round_trip(module.weight))
-        same.lm_head = torch.nn.Linear(*same.embed_tokens.weight.shape[::-1], bias=False, dtype=torch.bfloat16)
-        same.lm_head.weight.copy_(round_trip(same.embed_tokens.weight))
-        assert torch.equal(int4.model(ids), same(ids))
+    # Exactly what the bf16 model computes with each matrix put through Q4_0 and back: nothing else is lost.
+    assert_round_trip(int4, bf16, ids, blocks.quantize_q4_0, int(Q.Q4_0))
     kernels, lines = (
         qwen3gen.load(tiny_checkpoint, device="cpu", dtype="float32", quantization="int4", kernels=use) for use in (True, False)
     )
@@ -238,6 +288,45 @@ def test_int4_quality_and_its_kernels(tiny_checkpoint):
     for text in ("Explain large language models.", "Hi"):
         expected = lines.generate(text, max_new_tokens=16, temperature=0.0, ignore_eos=True).token_ids
         assert kernels.generate(text, max_new_tokens=16, temperature=0.0, ignore_eos=True).token_ids == expected
+
+
+def test_q4_k_quantizer_blocks_decode_within_half_a_step():
+    """int4's Q4_K blocks: the gguf package decodes them as the PyTorch lines do (the layout is llama.cpp's), and each
+    weight comes back within half a step of its sub-block (a fifteenth of its range, rounded up in 6 bits of its
+    superblock's d), or its minimum's rounding where the range is clipped; zeros and a constant block too."""
+    weights = torch.randn(9, 512) * torch.rand(9, 1) * 3
+    weights[0, :256] = 0.0
+    weights[1, :32] = 0.25
+    raw = blocks.quantize_q4_k(weights, rows=4)
+    decoded = blocks.reference_dequantize(raw.reshape(-1, 144), int(Q.Q4_K)).reshape(9, 512)
+    assert torch.equal(decoded, torch.from_numpy(gguf.quants.dequantize(raw.numpy(), Q.Q4_K)))
+    halves = raw.reshape(9, 2, 144)[..., :4].contiguous().view(torch.float16).float()  # d, dmin of each superblock
+    sub = weights.reshape(9, 2, 8, 32)
+    spread = sub.amax(-1).clamp(min=0) - sub.amin(-1).clamp(max=0)
+    bound = spread[..., None] / 30 + halves[..., None, :1] / 2 + halves[..., None, 1:] + 1e-6
+    assert ((decoded - weights).abs().reshape(9, 2, 8, 32) <= bound).all()
+    assert torch.equal(decoded[0, :256], torch.zeros(256))
+    with pytest.raises(ValueError, match="multiple of 256"):
+        blocks.quantize_q4_k(torch.randn(2, 96))
+
+
+def test_int4_of_rows_of_256s_is_q4_k(tmp_path, tokenizer_dir):
+    """A model whose matrices all have rows of 256s quantizes every one to Q4_K (the tied head's copy too): exactly
+    the bf16 model with each matrix put through Q4_K and back; quality beside int8's printed and guarded."""
+    directory = small_checkpoint(tmp_path, tokenizer_dir, "qwen3", **SHAPE, head_dim=128)
+    bf16 = qwen3gen.load(directory, device="cpu", dtype="bfloat16")
+    int4 = qwen3gen.load(directory, device="cpu", quantization="int4")
+    int8 = qwen3gen.load(directory, device="cpu", quantization="int8")
+    layers = [m for m in int4.model.modules() if isinstance(m, BlockLinear)]
+    assert len(layers) == 1 + 4 * len(int4.model.layers) and {m.parts[0].block_type for m in layers} == {int(Q.Q4_K)}
+    ids = torch.tensor([list(range(3, 60))])
+    with torch.inference_mode():
+        reference = bf16.model(ids)
+        int4_agree, int4_kl = agreement_and_kl(reference, int4.model(ids))
+        int8_agree, int8_kl = agreement_and_kl(reference, int8.model(ids))
+    print(f"int4 (Q4_K) vs bf16: greedy agreement {int4_agree:.0%}, mean KL {int4_kl:.1e} nats (int8: {int8_agree:.0%}, {int8_kl:.1e})")
+    assert int4_agree >= 0.25 and int8_kl < int4_kl < 3.0
+    assert_round_trip(int4, bf16, ids, blocks.quantize_q4_k, int(Q.Q4_K))
 
 
 def test_int4_is_refused_off_the_cpu():

@@ -2,8 +2,9 @@
 
    qwen3gen_matvec: out = residual + W @ input * scale + bias, where input is x, RMSNorm(x) or SwiGLU(x) = silu(gate) *
    up, rounded to the activations' type where the model's PyTorch lines round, for each of up to cpu.MATVEC_ROWS input
-   rows (each its own norm). W [n, k] is float32, bfloat16, float16, int8 (with a float scale per row) or one of GGML's
-   block formats (rows of blocks, each block's weights made as floats where they are multiplied). Each thread
+   rows (each its own norm). W [n, k] is float32, bfloat16, float16 or int8 (with a float scale per row).
+   qwen3gen_block_matvec: the same for a W of GGML's block formats, in parts stacked by rows (each part rows of
+   blocks of one format, decoded where they are multiplied). Each thread
    walks whole rows in order, so the weights stream through memory front to back, each read once for all input rows:
    in a decode step, where every weight is read once per step, those reads are most of it.
    qwen3gen_new_token and qwen3gen_decode_attention: one new token per row's attention (q/k norm, rotation, writes to
@@ -18,7 +19,6 @@
 enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 }; /* cpu.TYPES */
 /* GGML's block formats (cpu.BLOCK_TYPES): each block holds 32 weights (256 for the K types) with their scales. */
 enum { Q8_0 = 4, Q4_0 = 5, Q5_0 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9 };
-#define IS_BLOCKS(type) ((type) >= Q8_0)
 static long block_weights(int type) { return type >= Q4_K ? 256 : 32; }
 static long block_bytes(int type) {
     switch (type) {
@@ -472,123 +472,215 @@ static float dot_blocks(const uint8_t *w, int type, long k, const float *in, con
     }
 }
 
-#ifdef __AVX512BF16__
-/* With AVX512-BF16, a bf16 model's rows of blocks go through the bf16 dot-product instruction: 32 weights a step, their
-   products exact in float. A level v (0 to 127) becomes the bf16 of 128 + v by setting its low bits into the bf16
-   of 128 (0x4300), so each dot product below is sum (128 + v) x, and 128 times the input's sum is taken off after.
-   The input is its bf16 values (exactly what the bf16 model's input is); sums16 its sums over each 16. */
-#define BF16_OF_128 0x4300
-static inline __m512 pairs(__m512i levels, const uint16_t *in) {
-    return _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)levels, (__m512bh)_mm512_loadu_si512(in));
+#ifdef __AVX512BW__
+/* With AVX-512, a bf16 model's single input row is multiplied in integers: each group of its values (a block's 32,
+   a K superblock's 256) becomes 16-bit integers times one power of two per group (make_words), the blocks' levels
+   become 16-bit integers (times the K formats' integer sub-block scales, which fit beside them), and each 32 products
+   are one multiply-add of 16-bit pairs into 32-bit sums (VNNI's vpdpwssd; madd and add without it), exact. Per group
+   the sum is then scaled in float. A bf16 value keeps all its bits where it is within 2^7 of its group's largest;
+   any other is off by at most 2^-16 of that largest, far below the rounding of the bf16 result. The formats'
+   minimums and offsets multiply the same integer input's sums, so the result is the dequantized weights' product
+   with that input, to float rounding. */
+static inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpwssd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
 }
-static inline __m512i words(const uint8_t *p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
-static inline __m512i with_offset(__m512i v) { return _mm512_or_si512(v, _mm512_set1_epi16(BF16_OF_128)); }
-static inline __m512i nibble_pair(const uint8_t *p) { /* 16 bytes: low nibbles, then high ones, as 32 words */
+/* Each row's blocks are read once: asking for them this far ahead keeps the memory reads going under the arithmetic. */
+#define AHEAD 8192
+static inline void prefetch(const uint8_t *w, int bytes) {
+    for (int line = 0; line < bytes; line += 64) _mm_prefetch((const char *)w + AHEAD + line, _MM_HINT_T0);
+}
+static inline __m512i words_u(const uint8_t *p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
+static inline __m512i words_in(const int16_t *p) { return _mm512_loadu_si512(p); }
+static inline __m512i set16(int v) { return _mm512_set1_epi16((short)v); }
+static inline __m512i nibble_words(const uint8_t *p) { /* 16 bytes: their low nibbles, then their high ones */
     __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
     __m256i low = _mm256_and_si256(q, _mm256_set1_epi16(15)), high = _mm256_srli_epi16(q, 4);
     return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
 }
+static inline float half_scale(const uint8_t *p, float group_scale) { return half_at(p) * group_scale; }
 
-static float dot16_q4_0(const uint8_t *w, const uint16_t *in, const float *sums16, long k) {
-    __m512 acc = _mm512_setzero_ps();
-    float low = 0.0f;
-    for (long b = 0; b < k / 32; b++, w += 18, in += 32, sums16 += 2) {
-        _mm_prefetch((const char *)w + 4096, _MM_HINT_T0);
-        float d = half_at(w);
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), pairs(with_offset(nibble_pair(w + 2)), in), acc);
-        low += 136.0f * d * (sums16[0] + sums16[1]); /* levels are q + 8 */
-    }
-    return _mm512_reduce_add_ps(acc) - low;
-}
-static float dot16_q5_0(const uint8_t *w, const uint16_t *in, const float *sums16, long k) {
-    __m512 acc = _mm512_setzero_ps();
-    float low = 0.0f;
-    for (long b = 0; b < k / 32; b++, w += 22, in += 32, sums16 += 2) {
-        _mm_prefetch((const char *)w + 4096, _MM_HINT_T0);
-        uint32_t high;
-        memcpy(&high, w + 2, 4);
-        __m512i levels = _mm512_or_si512(nibble_pair(w + 6), _mm512_maskz_mov_epi16(high, _mm512_set1_epi16(16)));
-        float d = half_at(w);
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), pairs(with_offset(levels), in), acc);
-        low += 144.0f * d * (sums16[0] + sums16[1]); /* levels are q + 16 */
-    }
-    return _mm512_reduce_add_ps(acc) - low;
-}
-static float dot16_q4_k(const uint8_t *w, const uint16_t *in, const float *sums16, long k) {
-    __m512 acc = _mm512_setzero_ps();
-    float low = 0.0f;
-    for (long b = 0; b < k / 256; b++, w += 144, in += 256, sums16 += 16) {
-        _mm_prefetch((const char *)w + 4096, _MM_HINT_T0);
-        _mm_prefetch((const char *)w + 4096 + 64, _MM_HINT_T0);
-        float scale[8], min[8];
-        scales_mins_k(w + 4, half_at(w), half_at(w + 2), scale, min);
-        for (int c = 0; c < 4; c++) {
-            __m512i q = words(w + 16 + 32 * c);
-            __m512i lo = _mm512_ternarylogic_epi32(q, _mm512_set1_epi16(15), _mm512_set1_epi16(BF16_OF_128), 0xEA);
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(scale[2 * c]), pairs(lo, in + 64 * c), acc);
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(scale[2 * c + 1]), pairs(with_offset(_mm512_srli_epi16(q, 4)), in + 64 * c + 32), acc);
+/* in [k] floats -> words [k], scales [k / group] and sums [k / 32] (each 32 words' sum, times its group's scale);
+   with pairs, each two blocks' words in the order dotw_nibbles meets them: the first 16 of each, then the last 16. */
+static void make_words(const float *in, long k, long group, int pairs, int16_t *words, float *scales, float *sums) {
+    for (long g = 0; g < k / group; g++) {
+        const float *v = in + g * group;
+        __m512 largest = _mm512_setzero_ps();
+        for (long i = 0; i < group; i += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_loadu_ps(v + i)));
+        float top = _mm512_reduce_max_ps(largest);
+        int e = 0;
+        frexpf(top, &e);   /* top = m 2^e, m in [0.5, 1): top 2^(15 - e) < 2^15 */
+        e = e < -100 ? -100 : e; /* a group of (near) zeros: its scale stays a float */
+        __m512 up = _mm512_set1_ps(isfinite(top) ? ldexpf(1.0f, 15 - (int)e) : top);
+        scales[g] = isfinite(top) ? ldexpf(1.0f, (int)e - 15) : top;
+        for (long i = 0; i < group; i += 16) {
+            __m512i n = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + i), up)); /* to nearest, ties even */
+            _mm256_storeu_si256((__m256i *)(words + g * group + i), _mm512_cvtsepi32_epi16(n)); /* 2^15 saturates */
         }
-        for (int s = 0; s < 8; s++) low += (128.0f * scale[s] + min[s]) * (sums16[2 * s] + sums16[2 * s + 1]);
-    }
-    return _mm512_reduce_add_ps(acc) - low;
-}
-static float dot16_q5_k(const uint8_t *w, const uint16_t *in, const float *sums16, long k) {
-    __m512 acc = _mm512_setzero_ps();
-    float low = 0.0f;
-    for (long b = 0; b < k / 256; b++, w += 176, in += 256, sums16 += 16) {
-        _mm_prefetch((const char *)w + 4096, _MM_HINT_T0);
-        _mm_prefetch((const char *)w + 4096 + 64, _MM_HINT_T0);
-        float scale[8], min[8];
-        scales_mins_k(w + 4, half_at(w), half_at(w + 2), scale, min);
-        __m512i qh = words(w + 16);
-        for (int s = 0; s < 8; s++) {
-            __m512i q = words(w + 48 + 32 * (s / 2));
-            __m512i nibble = s % 2 ? _mm512_srli_epi16(q, 4) : _mm512_and_si512(q, _mm512_set1_epi16(15));
-            __mmask32 fifth = _mm512_test_epi16_mask(qh, _mm512_set1_epi16((short)(1 << s)));
-            __m512i levels = _mm512_mask_add_epi16(nibble, fifth, nibble, _mm512_set1_epi16(16));
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(scale[s]), pairs(with_offset(levels), in + 32 * s), acc);
-            low += (128.0f * scale[s] + min[s]) * (sums16[2 * s] + sums16[2 * s + 1]);
+        for (long s = 0; s < group; s += 32) {
+            __m512i w = _mm512_madd_epi16(words_in(words + g * group + s), set16(1));
+            sums[(g * group + s) / 32] = (float)_mm512_reduce_add_epi32(w) * scales[g];
         }
     }
-    return _mm512_reduce_add_ps(acc) - low;
+    for (long b = 0; pairs && b + 1 < k / 32; b += 2) {
+        int16_t both[64];
+        memcpy(both, words + 32 * b, sizeof both);
+        for (int half = 0; half < 4; half++) memcpy(words + 32 * b + 16 * half, both + 16 * (half / 2 + 2 * (half % 2)), 32);
+    }
 }
-static float dot16_q6_k(const uint8_t *w, const uint16_t *in, const float *sums16, long k) {
-    __m512 acc = _mm512_setzero_ps(), offsets = _mm512_setzero_ps();
-    /* a step's 32 weights have two scales: lanes 0-7 the first's, 8-15 the second's */
-    const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    for (long b = 0; b < k / 256; b++, w += 210, in += 256, sums16 += 16) {
-        for (int line = 0; line < 256; line += 64) _mm_prefetch((const char *)w + 4096 + line, _MM_HINT_T0);
-        __m512 scales = _mm512_mul_ps(_mm512_set1_ps(half_at(w + 208)),
-                                      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 192)))));
-        offsets = _mm512_fmadd_ps(scales, _mm512_loadu_ps(sums16), offsets); /* levels are q + 32 */
+
+static float dotw_q8_0(const uint8_t *w, const int16_t *in, const float *scales, const float *sums, long k) {
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    (void)sums;
+    for (long b = 0; b < k / 32; b++, w += 34, in += 32) {
+        __m512i q = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + 2)));
+        __m512 p = _mm512_cvtepi32_ps(dot_pairs(_mm512_setzero_si512(), q, words_in(in)));
+        acc[b % 2] = _mm512_fmadd_ps(_mm512_set1_ps(half_scale(w, scales[b])), p, acc[b % 2]);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+}
+/* Q4_0 (fifth 0) and Q5_0 (fifth 1, its fifth bits in a 32-bit qh) blocks two at a time: one load of both blocks' 16
+   bytes of nibbles, whose low nibbles are weights 0-15 of each and high ones 16-31, against the input's words in that
+   order (pair_blocks). An odd last block goes alone, its words in their own order. */
+static inline __attribute__((always_inline)) float dotw_nibbles(const uint8_t *w, const int16_t *in, const float *scales,
+                                                                const float *sums, long k, const int fifth) {
+    const long size = fifth ? 22 : 18, at = fifth ? 6 : 2, blocks = k / 32;
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    float low = 0.0f;
+    long b = 0;
+    for (; b + 1 < blocks; b += 2, w += 2 * size, in += 64) {
+        __m128i first = _mm_loadu_si128((const __m128i *)(w + at)), second = _mm_loadu_si128((const __m128i *)(w + size + at));
+        __m512i q = _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(first), second, 1));
+        __m512i lo = _mm512_and_si512(q, set16(15)), hi = _mm512_srli_epi16(q, 4);
+        if (fifth) {
+            uint32_t h0, h1;
+            memcpy(&h0, w + 2, 4);
+            memcpy(&h1, w + size + 2, 4);
+            lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi16((h0 & 0xFFFF) | (h1 << 16), set16(16)));
+            hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi16((h0 >> 16) | (h1 & 0xFFFF0000), set16(16)));
+        }
+        __m512i p = dot_pairs(dot_pairs(_mm512_setzero_si512(), lo, words_in(in)), hi, words_in(in + 32));
+        float d0 = half_at(w), d1 = half_at(w + size);
+        __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0 * scales[b]), _mm512_set1_ps(d1 * scales[b + 1]));
+        acc[b / 2 % 2] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(p), acc[b / 2 % 2]);
+        low += d0 * sums[b] + d1 * sums[b + 1];
+    }
+    if (b < blocks) {
+        __m512i levels = nibble_words(w + at);
+        if (fifth) {
+            uint32_t high;
+            memcpy(&high, w + 2, 4);
+            levels = _mm512_or_si512(levels, _mm512_maskz_mov_epi16(high, set16(16)));
+        }
+        __m512 p = _mm512_cvtepi32_ps(dot_pairs(_mm512_setzero_si512(), levels, words_in(in)));
+        acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(half_scale(w, scales[b])), p, acc[0]);
+        low += half_at(w) * sums[b];
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) - (fifth ? 16.0f : 8.0f) * low; /* levels q + 8, q + 16 */
+}
+static float dotw_q4_0(const uint8_t *w, const int16_t *in, const float *scales, const float *sums, long k) {
+    return dotw_nibbles(w, in, scales, sums, k, 0);
+}
+static float dotw_q5_0(const uint8_t *w, const int16_t *in, const float *scales, const float *sums, long k) {
+    return dotw_nibbles(w, in, scales, sums, k, 1);
+}
+
+/* Q4_K's and Q5_K's 6-bit sub-block scales (bytes 0-7) and minimums (8-15) from their 12 bytes, four at a time. */
+static inline __m128i scale_min_bytes(const uint8_t *p) {
+    uint32_t u[4];
+    memcpy(u, p, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4); /* minimums 4-7 */
+    uint32_t mins = u[1] & 0x3f3f3f3f;                                        /* minimums 0-3 */
+    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);          /* scales 4-7 */
+    u[2] = mins;
+    u[0] &= 0x3f3f3f3f;                                                       /* scales 0-3 */
+    return _mm_loadu_si128((const __m128i *)u);
+}
+/* A K superblock's start: each sub-block's scale as a 32-bit pair of 16-bit words (pairs[8], read back from memory
+   as broadcasts), and dmin times the minimums times the input's sums over each 32 added to lows. */
+static inline void k_start(const uint8_t *w, const float *sums, int32_t *pairs, __m256 *lows) {
+    __m512i bytes = _mm512_cvtepu8_epi32(scale_min_bytes(w + 4));
+    _mm512_storeu_si512(pairs, _mm512_or_si512(bytes, _mm512_slli_epi32(bytes, 16)));
+    __asm__ volatile("" ::: "memory"); /* a broadcast from memory is a load; one from a register is a shuffle */
+    __m256 mins = _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(bytes, 1));
+    *lows = _mm256_fmadd_ps(_mm256_set1_ps(half_at(w + 2)), _mm256_mul_ps(mins, _mm256_loadu_ps(sums)), *lows);
+}
+static inline __m512i scaled(__m512i levels, int32_t pair) { return _mm512_mullo_epi16(levels, _mm512_set1_epi32(pair)); }
+static inline __m512 k_finish(__m512i a[4], const uint8_t *w, float group_scale, __m512 acc) {
+    __m512i sum = _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
+    return _mm512_fmadd_ps(_mm512_set1_ps(half_scale(w, group_scale)), _mm512_cvtepi32_ps(sum), acc);
+}
+/* Each product below is at most 15 (31 for Q5_K, 32 for Q6_K) times 63 (128) times 2^15, each 32-bit lane of a
+   superblock's sums adds 16 of them: below 2^31. */
+/* Q4_K (fifth 0) and Q5_K (fifth 1: after the scales, 32 bytes whose bit s is sub-block s's fifth bits). */
+static inline __attribute__((always_inline)) float dotw_k(const uint8_t *w, const int16_t *in, const float *scales,
+                                                          const float *sums, long k, const int fifth) {
+    const long size = fifth ? 176 : 144, at = fifth ? 48 : 16;
+    __m512 acc = _mm512_setzero_ps();
+    __m256 lows = _mm256_setzero_ps();
+    for (long b = 0; b < k / 256; b++, w += size, in += 256, sums += 8) {
+        prefetch(w, (int)size);
+        int32_t pair[16];
+        k_start(w, sums, pair, &lows);
+        __m512i qh = fifth ? words_u(w + 16) : _mm512_setzero_si512(), a[4];
+        for (int c = 0; c < 4; c++) { /* each 32 bytes of qs: sub-block 2c's low nibbles, 2c + 1's high ones */
+            __m512i q = words_u(w + at + 32 * c), lo = _mm512_and_si512(q, set16(15)), hi = _mm512_srli_epi16(q, 4);
+            if (fifth) {
+                lo = _mm512_mask_add_epi16(lo, _mm512_test_epi16_mask(qh, set16(1 << (2 * c))), lo, set16(16));
+                hi = _mm512_mask_add_epi16(hi, _mm512_test_epi16_mask(qh, set16(2 << (2 * c))), hi, set16(16));
+            }
+            a[c] = dot_pairs(_mm512_setzero_si512(), scaled(lo, pair[2 * c]), words_in(in + 64 * c));
+            a[c] = dot_pairs(a[c], scaled(hi, pair[2 * c + 1]), words_in(in + 64 * c + 32));
+        }
+        acc = k_finish(a, w, scales[b], acc);
+    }
+    return _mm512_reduce_add_ps(acc) - sum8(lows);
+}
+static float dotw_q4_k(const uint8_t *w, const int16_t *in, const float *scales, const float *sums, long k) {
+    return dotw_k(w, in, scales, sums, k, 0);
+}
+static float dotw_q5_k(const uint8_t *w, const int16_t *in, const float *scales, const float *sums, long k) {
+    return dotw_k(w, in, scales, sums, k, 1);
+}
+static float dotw_q6_k(const uint8_t *w, const int16_t *in, const float *scales, const float *sums, long k) {
+    __m512 acc = _mm512_setzero_ps();
+    (void)sums;
+    for (long b = 0; b < k / 256; b++, w += 210, in += 256) {
+        prefetch(w, 210);
+        /* the sixteen int8 scales as words; group_pair[g / 2] puts g's in words 0-15 and g + 1's in 16-31 */
+        __m512i sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192))));
+        __m512i a[4];
         for (int h = 0; h < 2; h++) {
-            __m512i qh = words(w + 128 + 32 * h), ql0 = words(w + 64 * h), ql1 = words(w + 64 * h + 32);
-            __m512i low[4] = {
-                _mm512_and_si512(ql0, _mm512_set1_epi16(15)), _mm512_and_si512(ql1, _mm512_set1_epi16(15)),
-                _mm512_srli_epi16(ql0, 4), _mm512_srli_epi16(ql1, 4),
-            };
-            for (int u = 0; u < 4; u++) {
-                __m512i high = _mm512_and_si512(_mm512_slli_epi16(_mm512_srli_epi16(qh, 2 * u), 4), _mm512_set1_epi16(48));
-                __m512i levels = _mm512_ternarylogic_epi32(low[u], high, _mm512_set1_epi16(BF16_OF_128), 0xFE);
-                int group = (128 * h + 32 * u) / 16;
-                __m512 scale = _mm512_permutexvar_ps(_mm512_add_epi32(halves, _mm512_set1_epi32(group)), scales);
-                acc = _mm512_fmadd_ps(scale, pairs(levels, in + 128 * h + 32 * u), acc);
+            __m512i qh = words_u(w + 128 + 32 * h), ql0 = words_u(w + 64 * h), ql1 = words_u(w + 64 * h + 32);
+            __m512i low[4] = {_mm512_and_si512(ql0, set16(15)), _mm512_and_si512(ql1, set16(15)), _mm512_srli_epi16(ql0, 4),
+                              _mm512_srli_epi16(ql1, 4)};
+            for (int u = 0; u < 4; u++) { /* 32 weights: two scales' 16 */
+                int g = 8 * h + 2 * u;
+                __m512i high = u < 2 ? _mm512_slli_epi16(qh, 4 - 2 * u) : u > 2 ? _mm512_srli_epi16(qh, 2 * u - 4) : qh;
+                __m512i levels = _mm512_sub_epi16(_mm512_ternarylogic_epi32(low[u], high, set16(48), 0xF8), set16(32)); /* a | b & c */
+                __m512i two = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(_mm512_set_epi16(
+                    31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 4), set16(g)), sc);
+                __m512i products = _mm512_mullo_epi16(levels, two);
+                a[u] = h ? dot_pairs(a[u], products, words_in(in + 128 * h + 32 * u))
+                         : dot_pairs(_mm512_setzero_si512(), products, words_in(in + 32 * u));
             }
         }
+        acc = k_finish(a, w + 208, scales[b], acc);
     }
-    return _mm512_reduce_add_ps(acc) - 160.0f * _mm512_reduce_add_ps(offsets);
+    return _mm512_reduce_add_ps(acc);
 }
 
-/* Whether the format has a bf16 kernel (Q8_0's levels are signed bytes, which the bf16 of 128 + v cannot hold). */
-static int has_bf16_dot(int type) { return type != Q8_0; }
-
-static float dot16_blocks(const uint8_t *w, int type, long k, const uint16_t *in, const float *sums16) {
+static float dotw_blocks(const uint8_t *w, int type, long k, const int16_t *in, const float *scales, const float *sums) {
     switch (type) {
-    case Q4_0: return dot16_q4_0(w, in, sums16, k);
-    case Q5_0: return dot16_q5_0(w, in, sums16, k);
-    case Q4_K: return dot16_q4_k(w, in, sums16, k);
-    case Q5_K: return dot16_q5_k(w, in, sums16, k);
-    default: return dot16_q6_k(w, in, sums16, k);
+    case Q8_0: return dotw_q8_0(w, in, scales, sums, k);
+    case Q4_0: return dotw_q4_0(w, in, scales, sums, k);
+    case Q5_0: return dotw_q5_0(w, in, scales, sums, k);
+    case Q4_K: return dotw_q4_k(w, in, scales, sums, k);
+    case Q5_K: return dotw_q5_k(w, in, scales, sums, k);
+    default: return dotw_q6_k(w, in, scales, sums, k);
     }
 }
 #endif
@@ -720,58 +812,89 @@ static inline void finish(float v, long row, long r, long n, const void *scale, 
     store_one(out, x_type, r * n + row, v);
 }
 
-/* x [rows, k] (or [rows, 2k] with swiglu), residual and out [rows, n]. One row: each weight row's dot product with
-   the input. Several: weight rows two at a time, each pair's values multiplied into two to four input rows at once
+/* The input rows the products multiply, stride floats apart: NULL when they cannot be allocated. */
+static float *inputs(const void *x, int x_type, long k, const void *norm, int norm_type, float eps, int swiglu, long rows, long stride) {
+    long x_bytes = (swiglu ? 2 * k : k) * (x_type == F32 ? 4 : 2);
+    float *in = aligned_alloc(32, (size_t)(rows * stride) * sizeof(float));
+    for (long r = 0; in && r < rows; r++) make_input(in + r * stride, (const char *)x + r * x_bytes, x_type, k, norm, norm_type, eps, swiglu);
+    return in;
+}
+
+/* qwen3gen_matvec for a weight of `count` parts stacked by rows (a layer's q, k and v, say), each rows of blocks of
+   one of GGML's formats: part p is part_rows[p] rows of type types[p] at parts[p]; n, out's width, is their rows
+   together. One call for the whole layer: its input made once (and its integer words once per layout), its rows
+   shared out between the threads as one. */
+int qwen3gen_block_matvec(const void *x, int x_type, const uint8_t *const *parts, const int *types, const long *part_rows,
+                          int count, long k, const void *bias, int bias_type, const void *norm, int norm_type, float eps,
+                          const void *residual, int swiglu, void *out, long rows, int threads) {
+    long stride = (k + 7) / 8 * 8, n = 0, row_bytes[count], first[count + 1];
+    for (int p = 0; p < count; p++) {
+        first[p] = n;
+        n += part_rows[p];
+        row_bytes[p] = k / block_weights(types[p]) * block_bytes(types[p]);
+    }
+    first[count] = n;
+    float *in = inputs(x, x_type, k, norm, norm_type, eps, swiglu, rows, stride);
+    if (!in) return -1;
+    int failed = 0;
+    float sums[k / 16]; /* the input's sums over each 16, for the formats' offsets (one input row) */
+    for (long j = 0; j < k / 16; j++) sums[j] = vf_sum(vf_add(vf_load(in + 16 * j), LANES == 16 ? vf_zero() : vf_load(in + 16 * j + 8)));
+#ifdef __AVX512BW__
+    /* the words' three layouts: a block's 32 (Q8_0), two blocks' paired (Q4_0, Q5_0), a superblock's 256 (K formats) */
+    int integer = rows == 1 && x_type == BF16; /* a bf16 model's decode step: make_words (fp16 keeps more bits) */
+    int16_t words[3][integer ? k : 1];
+    float word_scales[3][integer ? k / 32 : 1], word_sums[3][integer ? k / 32 : 1];
+    int layout[count], made[3] = {0, 0, 0};
+    for (int p = 0; integer && p < count; p++) {
+        int t = types[p], l = layout[p] = t >= Q4_K ? 2 : t == Q8_0 ? 0 : 1;
+        if (!made[l]++) make_words(in, k, l == 2 ? 256 : 32, l == 1, words[l], word_scales[l], word_sums[l]);
+    }
+#endif
+#pragma omp parallel num_threads(threads)
+    {
+        float *buffer = rows == 1 ? NULL : aligned_alloc(64, (size_t)(k + 15) / 16 * 16 * sizeof(float));
+        if (rows > 1 && !buffer) failed = 1;
+#pragma omp for schedule(static)
+        for (long row = 0; row < n; row++) {
+            int p = 0;
+            while (row >= first[p + 1]) p++;
+            const uint8_t *w = parts[p] + (row - first[p]) * row_bytes[p];
+            if (rows == 1) {
+                float v;
+#ifdef __AVX512BW__
+                int l = layout[p];
+                v = integer ? dotw_blocks(w, types[p], k, words[l], word_scales[l], word_sums[l]) : dot_blocks(w, types[p], k, in, sums);
+#else
+                v = dot_blocks(w, types[p], k, in, sums);
+#endif
+                finish(v, row, 0, n, NULL, 0, bias, bias_type, residual, x_type, out);
+                continue;
+            }
+            if (!buffer) continue;
+            row_floats(w, types[p], k, buffer); /* the row's weights once, for every input row */
+            for (long g = 0, R; g < rows; g += R) {
+                R = rows - g == 5 ? 3 : rows - g < 4 ? rows - g : 4;
+                float dots[4];
+                multi_dot(buffer, F32, 0, 1, k, in + g * stride, stride, (int)R, dots);
+                for (int r = 0; r < R; r++) finish(dots[r], row, g + r, n, NULL, 0, bias, bias_type, residual, x_type, out);
+            }
+        }
+        free(buffer);
+    }
+    free(in);
+    return failed ? -1 : 0;
+}
+
+/* x [rows, k] (or [rows, 2k] with swiglu), residual and out [rows, n]; W dense (float32, bf16, fp16, int8). One row:
+   each weight row's dot product with the input. Several: weight rows two at a time, each pair's values multiplied into two to four input rows at once
    (multi_dot), group after group while the pair is in cache.
    Returns 0, or -1 when the input buffer cannot be allocated. */
 int qwen3gen_matvec(const void *x, int x_type, const void *weight, int weight_type, long n, long k,
                     const void *scale, int scale_type, const void *bias, int bias_type, const void *norm, int norm_type,
                     float eps, const void *residual, int swiglu, void *out, long rows, int threads) {
-    long stride = (k + 7) / 8 * 8, x_bytes = (swiglu ? 2 * k : k) * (x_type == F32 ? 4 : 2);
-    float *in = aligned_alloc(32, (size_t)(rows * stride) * sizeof(float));
+    long stride = (k + 7) / 8 * 8;
+    float *in = inputs(x, x_type, k, norm, norm_type, eps, swiglu, rows, stride);
     if (!in) return -1;
-    for (long r = 0; r < rows; r++) make_input(in + r * stride, (const char *)x + r * x_bytes, x_type, k, norm, norm_type, eps, swiglu);
-    if (IS_BLOCKS(weight_type)) {
-        long row_bytes = k / block_weights(weight_type) * block_bytes(weight_type);
-        int failed = 0;
-        float sums[k / 16]; /* the input's sums over each 16, for the formats' offsets (one input row) */
-        for (long j = 0; j < k / 16; j++) sums[j] = vf_sum(vf_add(vf_load(in + 16 * j), LANES == 16 ? vf_zero() : vf_load(in + 16 * j + 8)));
-#ifdef __AVX512BF16__
-        uint16_t in16[rows == 1 && x_type == BF16 && has_bf16_dot(weight_type) ? k : 1];
-        int bf16_dot = rows == 1 && x_type == BF16 && has_bf16_dot(weight_type);
-        for (long i = 0; bf16_dot && i < k; i++) in16[i] = bf16_bits(in[i]); /* exact: the input is bf16 values */
-#endif
-#pragma omp parallel num_threads(threads)
-        {
-            float *buffer = rows == 1 ? NULL : aligned_alloc(64, (size_t)(k + 15) / 16 * 16 * sizeof(float));
-            if (rows > 1 && !buffer) failed = 1;
-#pragma omp for schedule(static)
-            for (long row = 0; row < n; row++) {
-                const uint8_t *w = (const uint8_t *)weight + row * row_bytes;
-                if (rows == 1) {
-                    float v;
-#ifdef __AVX512BF16__
-                    v = bf16_dot ? dot16_blocks(w, weight_type, k, in16, sums) : dot_blocks(w, weight_type, k, in, sums);
-#else
-                    v = dot_blocks(w, weight_type, k, in, sums);
-#endif
-                    finish(v, row, 0, n, scale, scale_type, bias, bias_type, residual, x_type, out);
-                    continue;
-                }
-                if (!buffer) continue;
-                row_floats(w, weight_type, k, buffer); /* the row's weights once, for every input row */
-                for (long g = 0, R; g < rows; g += R) {
-                    R = rows - g == 5 ? 3 : rows - g < 4 ? rows - g : 4;
-                    float sums[4];
-                    multi_dot(buffer, F32, 0, 1, k, in + g * stride, stride, (int)R, sums);
-                    for (int r = 0; r < R; r++) finish(sums[r], row, g + r, n, scale, scale_type, bias, bias_type, residual, x_type, out);
-                }
-            }
-            free(buffer);
-        }
-        free(in);
-        return failed ? -1 : 0;
-    }
     if (rows == 1) {
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (long row = 0; row < n; row++)

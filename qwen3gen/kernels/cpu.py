@@ -38,7 +38,7 @@ FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # The instruction sets cpu.c is built for, best first, and their compiler flags: the library of the best one this CPU
 # has is loaded (QWEN3GEN_CPU_ISA names another). cpu.c's block formats run LANES-wide vectors of the set it is built for.
 ISAS = {
-    "avx512bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"],
+    "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }
@@ -62,13 +62,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QWEN3GEN_CACHE") or Path.home() / ".cache" / "qwen3gen")
 
 
-def supported_isas() -> list[str]:
+@functools.cache
+def supported_isas() -> tuple[str, ...]:
     """The instruction sets of ISAS this CPU runs, best first: x86-64 with AVX2 (PyTorch's own AVX2 kernels imply FMA
-    and F16C too), AVX-512 (F, BW, VL, DQ) where PyTorch finds it, and its BF16 extension where Linux lists it."""
+    and F16C too), AVX-512 (F, BW, VL, DQ) where PyTorch finds it, and its VNNI extension where Linux lists it. Asked
+    at every kernel call (through isa()), so found once."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return []
-    found = {"AVX512": ["avx512", "avx2"], "AVX2": ["avx2"]}.get(torch.backends.cpu.get_cpu_capability(), [])
-    return (["avx512bf16"] if "avx512" in found and "avx512_bf16" in _cpu_flags() else []) + found
+        return ()
+    found = {"AVX512": ("avx512", "avx2"), "AVX2": ("avx2",)}.get(torch.backends.cpu.get_cpu_capability(), ())
+    return (("avx512vnni",) if "avx512" in found and "avx512_vnni" in _cpu_flags() else ()) + found
 
 
 @functools.cache
@@ -125,6 +127,12 @@ def _build(name: str) -> tuple[ctypes.CDLL | None, str]:
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long,
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
         ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int,
+    ]  # fmt: skip
+    library.qwen3gen_block_matvec.restype = ctypes.c_int
+    library.qwen3gen_block_matvec.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int),
+        ctypes.POINTER(ctypes.c_long), ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+        ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int,
     ]  # fmt: skip
     library.qwen3gen_new_token.restype = ctypes.c_int
     library.qwen3gen_new_token.argtypes = [
@@ -208,8 +216,17 @@ def matvec(
     """kernels.matvec's contract on the CPU: residual + linear(input) * scale + bias for x [1, rows, K] (or [1, rows,
     2K] with swiglu), rows from 1 to MATVEC_ROWS, where input is x, RMSNorm(x) (each row its own) with norm_weight, or
     silu(gate) * up; weight [N, K], residual [1, rows, N] or None: [1, rows, N]."""
-    w_ptr, w_type = _pointer(weight)
-    return _matvec(x, w_ptr, w_type, *weight.shape, scale, bias, norm_weight, eps, residual, swiglu)
+    n, k = weight.shape
+    x, residual, out = _product_arguments(x, n, k, residual, swiglu)
+    (x_ptr, x_type), *rest = [_pointer(t) for t in (x, weight, scale, bias, norm_weight)]
+    flat = [value for pair in rest for value in pair]  # weight, scale, bias, norm weight: address and type each
+    status = _library()[0].qwen3gen_matvec(
+        x_ptr, x_type, *flat[:2], n, k, *flat[2:], eps, _pointer(residual)[0], swiglu, out.data_ptr(), out.shape[1],
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("the CPU kernel could not allocate its input buffer")
+    return out
 
 
 @matvec.register_fake
@@ -220,8 +237,8 @@ def _(x, weight, scale, bias, norm_weight, eps, residual, swiglu):  # noqa: ANN0
 @_opaque()
 def block_matvec(
     x: torch.Tensor,
-    blocks: torch.Tensor,
-    block_type: int,
+    parts: list[torch.Tensor],
+    block_types: list[int],
     k: int,
     bias: torch.Tensor | None,
     norm_weight: torch.Tensor | None,
@@ -229,22 +246,40 @@ def block_matvec(
     residual: torch.Tensor | None,
     swiglu: bool,
 ) -> torch.Tensor:
-    """matvec for a weight [N, k] held in one of GGML's block formats (GGML's type number block_type, a key of
-    BLOCK_FORMATS): blocks [N, k / block weights * block bytes] uint8, each row's blocks decoded as they are multiplied."""
-    check_blocks(blocks, block_type, k)
-    code = BLOCK_FORMATS[block_type][1]
-    return _matvec(x, blocks.data_ptr(), code, blocks.shape[0], k, None, bias, norm_weight, eps, residual, swiglu)
+    """matvec for a weight [N, k] held in GGML's block formats, in parts stacked by rows (a layer's q, k and v are
+    apart in a GGUF file, often in different formats): part i is blocks [rows_i, k / block weights * block bytes]
+    uint8 of GGML's type number block_types[i] (a key of BLOCK_FORMATS), each row's blocks decoded as they are
+    multiplied; N is the parts' rows together. One call for them all: the input is made once."""
+    if len(parts) != len(block_types) or not parts:
+        raise ValueError(f"block_matvec takes one block type per part, not {len(block_types)} for {len(parts)} parts")
+    for blocks, block_type in zip(parts, block_types):
+        check_blocks(blocks, block_type, k)
+    n = sum(blocks.shape[0] for blocks in parts)
+    x, residual, out = _product_arguments(x, n, k, residual, swiglu)
+    count = len(parts)
+    addresses = (ctypes.c_void_p * count)(*[blocks.data_ptr() for blocks in parts])
+    codes = (ctypes.c_int * count)(*[BLOCK_FORMATS[t][1] for t in block_types])
+    rows = (ctypes.c_long * count)(*[blocks.shape[0] for blocks in parts])
+    (x_ptr, x_type), *rest = [_pointer(t) for t in (x, bias, norm_weight)]
+    flat = [value for pair in rest for value in pair]  # bias, norm weight: address and type each
+    status = _library()[0].qwen3gen_block_matvec(
+        x_ptr, x_type, addresses, codes, rows, count, k, *flat, eps, _pointer(residual)[0], swiglu, out.data_ptr(),
+        out.shape[1], torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("the CPU kernel could not allocate its input buffer")
+    return out
 
 
 @block_matvec.register_fake
-def _(x, blocks, block_type, k, bias, norm_weight, eps, residual, swiglu):  # noqa: ANN001, ANN202
-    return x.new_empty(1, x.shape[1], blocks.shape[0])
+def _(x, parts, block_types, k, bias, norm_weight, eps, residual, swiglu):  # noqa: ANN001, ANN202
+    return x.new_empty(1, x.shape[1], sum(blocks.shape[0] for blocks in parts))
 
 
-def _matvec(
-    x: torch.Tensor, w_ptr: int, w_type: int, n: int, k: int, scale: torch.Tensor | None, bias: torch.Tensor | None,
-    norm_weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None, swiglu: bool,
-) -> torch.Tensor:  # fmt: skip
+def _product_arguments(
+    x: torch.Tensor, n: int, k: int, residual: torch.Tensor | None, swiglu: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """x and residual checked against an [n, k] weight and made contiguous (held while the kernel runs), and out."""
     rows = x.shape[1] if x.dim() == 3 else 0
     if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != (2 * k if swiglu else k) or residual is not None and residual.shape != (1, rows, n):
         raise ValueError(
@@ -253,17 +288,8 @@ def _matvec(
         )
     if not 1 <= rows <= MATVEC_ROWS:
         raise ValueError(f"the CPU kernel takes 1 to MATVEC_ROWS = {MATVEC_ROWS} input rows, not {rows}")
-    x, residual = x.contiguous(), None if residual is None else residual.contiguous()  # held while the kernel runs
-    out = x.new_empty(1, rows, n)
-    (x_ptr, x_type), *rest = [_pointer(t) for t in (x, scale, bias, norm_weight)]
-    flat = [value for pair in rest for value in pair]  # scale, bias, norm weight: address and type each
-    threads = torch.get_num_threads()
-    status = _library()[0].qwen3gen_matvec(
-        x_ptr, x_type, w_ptr, w_type, n, k, *flat, eps, _pointer(residual)[0], swiglu, out.data_ptr(), rows, threads
-    )
-    if status != 0:
-        raise MemoryError("the CPU kernel could not allocate its input buffer")
-    return out
+    residual = None if residual is None else residual.contiguous()
+    return x.contiguous(), residual, x.new_empty(1, rows, n)
 
 
 def block_shape(block_type: int) -> tuple[int, int]:

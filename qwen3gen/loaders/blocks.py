@@ -91,6 +91,34 @@ def quantize_q4_0(weight: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     return out
 
 
+def quantize_q4_k(weight: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """weight [n, k] (k a multiple of 256) -> Q4_K blocks [n, k / 256 * 144]: each 32 weights' range in 15 steps
+    above its minimum (at most 0), the steps and minimums in 6 bits times their superblock's float16 d and dmin,
+    rounded up so that no weight falls outside its range. Simpler than llama.cpp's search for the best scales, and the
+    blocks are the same format, so the same kernels (and any GGUF reader) decode them. `rows` rows at a time."""
+    n, k = weight.shape
+    if k % 256:
+        raise ValueError(f"Q4_K takes rows of a multiple of 256 weights, not {k}")
+    out = torch.empty(n, k // 256 * 144, dtype=torch.uint8, device=weight.device)
+    for start in range(0, n, rows):
+        w = weight[start : start + rows].float().reshape(-1, k // 256, 8, 32)
+        low, high = w.amin(-1).clamp(max=0.0), w.amax(-1).clamp(min=0.0)
+        d = ((high - low) / 15).amax(-1, keepdim=True).div(63).half()
+        dmin = (-low).amax(-1, keepdim=True).div(63).half()
+        sc = torch.where(d > 0, ((high - low) / 15 / d.float()).ceil(), 0.0).clamp(0, 63)
+        m = torch.where(dmin > 0, (-low / dmin.float()).ceil(), 0.0).clamp(0, 63)
+        step, offset = (d.float() * sc)[..., None], (dmin.float() * m)[..., None]
+        q = torch.where(step > 0, ((w + offset) / torch.where(step > 0, step, 1.0)).round(), 0.0).clamp(0, 15).to(torch.uint8)
+        sc, m = sc.to(torch.uint8), m.to(torch.uint8)
+        scales = torch.cat((
+            sc[..., :4] | (sc[..., 4:] >> 4 << 6), m[..., :4] | (m[..., 4:] >> 4 << 6), (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4),
+        ), dim=-1)  # fmt: skip
+        qs = (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).flatten(-2)  # each 32 bytes: a sub-block low, the next high
+        halves = torch.cat((d, dmin), dim=-1).view(torch.uint8)
+        out[start : start + rows] = torch.cat((halves, scales, qs), dim=-1).reshape(w.shape[0], -1)
+    return out
+
+
 def dequantize(blocks: torch.Tensor, block_type: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows of blocks [n, k / weights * bytes] -> weights [n, k] as dtype: the CPU kernel where it is built, else the
     PyTorch lines."""
@@ -147,16 +175,12 @@ class BlockLinear(nn.Module):
         self, kernels: ModuleType, x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
         residual: torch.Tensor | None, swiglu: bool,
     ) -> torch.Tensor:  # fmt: skip
-        """model.fused_linear's product for this layer: kernels.block_matvec for each part, with the norm inside each
-        and the residual inside the one part a residual ever meets (o_proj, down_proj are one matrix each)."""
-        if residual is not None and len(self.parts) > 1:
-            raise ValueError("a residual add meets a layer of one part only")
-        outs, start = [], 0
-        for part in self.parts:
-            bias = None if self.bias is None else self.bias[start : start + part.rows]
-            outs.append(kernels.block_matvec(x, part.blocks, part.block_type, part.k, bias, norm_weight, eps, residual, swiglu))
-            start += part.rows
-        return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        """model.fused_linear's product for this layer: one kernels.block_matvec over its parts, with the norm
+        inside (and the residual, which meets o_proj and down_proj)."""
+        return kernels.block_matvec(
+            x, [p.blocks for p in self.parts], [p.block_type for p in self.parts], self.in_features, self.bias,
+            norm_weight, eps, residual, swiglu,
+        )  # fmt: skip
 
 
 class BlockEmbedding(nn.Module):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
@@ -194,11 +195,15 @@ class _SkipInit(TorchFunctionMode):
     """Leaves meta tensors' random initialisation undone: there is nothing to initialise, and meta's normal_ alone
     imports seconds of PyTorch's Python decompositions on first use."""
 
-    SKIPPED = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_})
+    # nn.init's functions reach the mode themselves (then call the tensor's method outside it), the methods otherwise
+    SKIPPED = frozenset({
+        torch.Tensor.normal_, torch.Tensor.uniform_, nn.init.normal_, nn.init.uniform_, nn.init.kaiming_uniform_,
+    })  # fmt: skip
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if func in self.SKIPPED and args[0].is_meta:
-            return args[0]
+        tensor = args[0] if args else (kwargs or {}).get("tensor")  # nn.init passes its tensor by name
+        if func in self.SKIPPED and tensor is not None and tensor.is_meta:
+            return tensor
         return func(*args, **(kwargs or {}))
 
 
@@ -304,10 +309,11 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     return parsed
 
 
-def default_dtype(device: torch.device, quantization: str | None = None) -> torch.dtype:
-    """bf16 on accelerators (half the bytes to read per token), float32 on the CPU; bf16 activations
-    with int8 weights, the dtype PyTorch's fused int8 kernels take."""
-    return torch.float32 if device.type == "cpu" and not quantization else torch.bfloat16
+def default_dtype(device: torch.device, quantized: bool = False) -> torch.dtype:
+    """bf16 on accelerators (half the bytes to read per token), float32 on the CPU; bf16 activations with quantized
+    weights (int8, int4, a GGUF file's blocks), the dtype the CPU's integer block products and PyTorch's fused int8
+    kernels take."""
+    return torch.float32 if device.type == "cpu" and not quantized else torch.bfloat16
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

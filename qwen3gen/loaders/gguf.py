@@ -95,8 +95,9 @@ def _reader_class(gguf: Any) -> type:
 
     The stock reader slices its numpy memmap item by item, through Python, for every element of every array: the
     300,000 strings of the vocabulary and merges and the 150,000 token types take it tens of seconds. Here the
-    memory map is held as a plain ndarray view (no memmap bookkeeping per slice), and arrays of strings or of
-    scalars are sliced in one loop into exactly the parts the stock reader builds.
+    memory map is held as a plain ndarray view (no memmap bookkeeping per slice), and arrays of strings or scalars are
+    decoded as they are met into `arrays` (lists, by field name; field() reads them there), their fields left
+    without values. Arrays of arrays take the stock reader's walk.
     """
     types = gguf.GGUFValueType
     array, string = int(types.ARRAY), int(types.STRING)
@@ -106,6 +107,15 @@ def _reader_class(gguf: Any) -> type:
     class Reader(gguf.GGUFReader):
         """Every read is bounds-checked: past the end of the file it raises _Truncated, where the stock reader
         would return a short array (and fail later with an IndexError or a reshape's ValueError, or not at all)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._decoded: dict[int, list] = {}  # arrays' values by the offset of the array
+            super().__init__(*args, **kwargs)
+            self.arrays: dict[str, list] = {}  # ... by the name of their field
+            for name, found in self.fields.items():  # a field's parts start with its key's length, key and type
+                start = found.offset + sum(int(part.nbytes) for part in found.parts[:3])
+                if start in self._decoded:
+                    self.arrays[name] = self._decoded.pop(start)
 
         @property
         def data(self) -> np.ndarray:
@@ -133,20 +143,23 @@ def _reader_class(gguf: Any) -> type:
             count, kind = int(length[0]), int(item_type[0])
             parts: list = [item_type, length]
             offs = orig_offs + 12
-            if kind == string:
-                for _ in range(count):
-                    self._need(offs + 8)
-                    (size,) = unpack_length(data, offs)
-                    self._need(offs + 8 + size)
-                    parts += (data[offs : offs + 8].view(np.uint64), data[offs + 8 : offs + 8 + size])
-                    offs += 8 + size
-                indices = list(range(3, len(parts), 2))
+            if kind == string:  # decoded here in one pass, for field(); the field itself holds no values
+                view, decoded = memoryview(data), []
+                try:
+                    for _ in range(count):
+                        (size,) = unpack_length(data, offs)
+                        decoded.append(str(view[offs + 8 : offs + 8 + size], "utf-8"))
+                        offs += 8 + size
+                except struct.error:  # a length past the end
+                    raise _Truncated(offs + 8) from None
+                self._need(offs)  # a string past the end was cut short: refused here
+                self._decoded[orig_offs] = decoded
+                return offs - orig_offs, parts, [], [types.ARRAY, types.STRING]
             elif kind in scalars:
                 self._need(offs + count * scalars[kind].itemsize)
                 values = data[offs : offs + count * scalars[kind].itemsize].view(scalars[kind])
-                parts += [values[i : i + 1] for i in range(count)]
-                offs += values.nbytes
-                indices = list(range(2, len(parts)))
+                self._decoded[orig_offs] = values.tolist()
+                return offs + values.nbytes - orig_offs, parts, [], [types.ARRAY, types(kind)]
             else:  # arrays of arrays: the stock reader's own walk
                 return super()._get_field_parts(orig_offs, raw_type)
             return offs - orig_offs, parts, indices, [types.ARRAY] + [types(kind)] * bool(count)
@@ -229,8 +242,15 @@ class GGUFCheckpoint:
         self.generation_config = self._read_generation_config()
         return self
 
+    @property
+    def quantized(self) -> bool:
+        """Whether a matrix of the file is in one of GGML's quantized types (not F32, F16 or BF16)."""
+        return any(t.tensor_type.name not in DENSE for t in self.tensors.values() if len(t.shape) == 2)
+
     def field(self, key: str, default: Any = ...) -> Any:
         """A metadata value (a list for arrays); `default` when absent, else a CheckpointError."""
+        if key in self.reader.arrays:
+            return self.reader.arrays[key]
         found = self.reader.get_field(key)
         if found is None:
             if default is ...:

@@ -1,9 +1,10 @@
 """Weight-only quantization of every linear layer (and the output head); activations stay in the model's dtype.
 
 Decoding reads every weight once per token, so halving the bytes of the weights nearly halves the time per token where
-memory bandwidth is the limit. int8: each output channel as int8 with one scale (every device). int4: llama.cpp's Q4_0
-blocks (32 weights share a float16 scale: 4.5 bits a weight), multiplied by the CPU's block kernels (blocks.py), so
-on the CPU only.
+memory bandwidth is the limit. int8: each output channel as int8 with one scale (every device). int4: llama.cpp's Q4_K
+blocks (each 32 weights a 6-bit scale and minimum, 4.5 bits a weight) where a matrix's rows are multiples of 256
+weights, else its Q4_0 blocks (32 weights share a float16 scale), multiplied by the CPU's block kernels (blocks.py),
+so on the CPU only.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 from ..choices import QUANTIZATIONS
 from ..errors import InvalidParameterError
 from ..model import Qwen3
-from .blocks import BlockLinear, BlockMatrix, quantize_q4_0
+from .blocks import BlockLinear, BlockMatrix, quantize_q4_0, quantize_q4_k
 
 
 def quantize_per_channel(weight: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +67,11 @@ def quantize(model: Qwen3, method: str) -> Qwen3:
     def quantized(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
         if method == "int8":
             return Int8Linear(weight, bias)
-        blocks = BlockMatrix(quantize_q4_0(weight.detach()), 2, weight.shape[1])
+        k = weight.shape[1]
+        if k % 256 == 0:  # every Qwen3 matrix: Q4_K, the faster and finer of the two
+            blocks = BlockMatrix(quantize_q4_k(weight.detach()), 12, k)
+        else:  # a row of 32s only (Qwen2.5-0.5B's 896, tiny test models): Q4_0
+            blocks = BlockMatrix(quantize_q4_0(weight.detach()), 2, k)
         return BlockLinear([blocks], None if bias is None else bias.detach())
 
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
