@@ -473,14 +473,14 @@ static float dot_blocks(const uint8_t *w, int type, long k, const float *in, con
 }
 
 #ifdef __AVX512BW__
-/* With AVX-512, a bf16 model's single input row is multiplied in integers: each group of its values (a block's 32,
-   a K superblock's 256) becomes 16-bit integers times one power of two per group (make_words), the blocks' levels
-   become 16-bit integers (times the K formats' integer sub-block scales, which fit beside them), and each 32 products
-   are one multiply-add of 16-bit pairs into 32-bit sums (VNNI's vpdpwssd; madd and add without it), exact. Per group
-   the sum is then scaled in float. A bf16 value keeps all its bits where it is within 2^7 of its group's largest;
-   any other is off by at most 2^-16 of that largest, far below the rounding of the bf16 result. The formats'
-   minimums and offsets multiply the same integer input's sums, so the result is the dequantized weights' product
-   with that input, to float rounding. */
+/* With AVX-512, a bf16 model's single input row is multiplied in integers (Q8_0 aside): each group of its values (a
+   block's 32, a K superblock's 256) becomes 16-bit integers times one power of two per group (make_words), the
+   blocks' levels become 16-bit integers (times the K formats' integer sub-block scales, which fit beside them), and
+   each 32 products are one multiply-add of 16-bit pairs into 32-bit sums (VNNI's vpdpwssd; madd and add without it),
+   exact. Per group the sum is then scaled in float. A bf16 value keeps all its bits where it is within 2^7 of its
+   group's largest; any other is off by at most 2^-16 of that largest, far below the rounding of the bf16 result. The
+   formats' minimums and offsets multiply the same integer input's sums, so the result is the dequantized weights'
+   product with that input, to float rounding. */
 static inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
 #ifdef __AVX512VNNI__
     return _mm512_dpwssd_epi32(acc, a, b);
@@ -532,16 +532,6 @@ static void make_words(const float *in, long k, long group, int pairs, int16_t *
     }
 }
 
-static float dotw_q8_0(const uint8_t *w, const int16_t *in, const float *scales, const float *sums, long k) {
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    (void)sums;
-    for (long b = 0; b < k / 32; b++, w += 34, in += 32) {
-        __m512i q = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + 2)));
-        __m512 p = _mm512_cvtepi32_ps(dot_pairs(_mm512_setzero_si512(), q, words_in(in)));
-        acc[b % 2] = _mm512_fmadd_ps(_mm512_set1_ps(half_scale(w, scales[b])), p, acc[b % 2]);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-}
 /* Q4_0 (fifth 0) and Q5_0 (fifth 1, its fifth bits in a 32-bit qh) blocks two at a time: one load of both blocks' 16
    bytes of nibbles, whose low nibbles are weights 0-15 of each and high ones 16-31, against the input's words in that
    order (pair_blocks). An odd last block goes alone, its words in their own order. */
@@ -675,7 +665,6 @@ static float dotw_q6_k(const uint8_t *w, const int16_t *in, const float *scales,
 
 static float dotw_blocks(const uint8_t *w, int type, long k, const int16_t *in, const float *scales, const float *sums) {
     switch (type) {
-    case Q8_0: return dotw_q8_0(w, in, scales, sums, k);
     case Q4_0: return dotw_q4_0(w, in, scales, sums, k);
     case Q5_0: return dotw_q5_0(w, in, scales, sums, k);
     case Q4_K: return dotw_q4_k(w, in, scales, sums, k);
@@ -840,14 +829,15 @@ int qwen3gen_block_matvec(const void *x, int x_type, const uint8_t *const *parts
     float sums[k / 16]; /* the input's sums over each 16, for the formats' offsets (one input row) */
     for (long j = 0; j < k / 16; j++) sums[j] = vf_sum(vf_add(vf_load(in + 16 * j), LANES == 16 ? vf_zero() : vf_load(in + 16 * j + 8)));
 #ifdef __AVX512BW__
-    /* the words' three layouts: a block's 32 (Q8_0), two blocks' paired (Q4_0, Q5_0), a superblock's 256 (K formats) */
-    int integer = rows == 1 && x_type == BF16; /* a bf16 model's decode step: make_words (fp16 keeps more bits) */
-    int16_t words[3][integer ? k : 1];
-    float word_scales[3][integer ? k / 32 : 1], word_sums[3][integer ? k / 32 : 1];
-    int layout[count], made[3] = {0, 0, 0};
-    for (int p = 0; integer && p < count; p++) {
-        int t = types[p], l = layout[p] = t >= Q4_K ? 2 : t == Q8_0 ? 0 : 1;
-        if (!made[l]++) make_words(in, k, l == 2 ? 256 : 32, l == 1, words[l], word_scales[l], word_sums[l]);
+    /* A bf16 model's decode step: make_words (fp16 keeps more bits), in two layouts, two blocks' paired (Q4_0, Q5_0)
+       and a superblock's 256 (the K formats). Q8_0 goes through the float lines: its bytes cost no decoding. */
+    int integer = rows == 1 && x_type == BF16;
+    int16_t words[2][integer ? k : 1];
+    float word_scales[2][integer ? k / 32 : 1], word_sums[2][integer ? k / 32 : 1];
+    int layout[count], made[2] = {0, 0};
+    for (int p = 0; p < count; p++) {
+        int l = layout[p] = !integer || types[p] == Q8_0 ? -1 : types[p] >= Q4_K;
+        if (l >= 0 && !made[l]++) make_words(in, k, l ? 256 : 32, !l, words[l], word_scales[l], word_sums[l]);
     }
 #endif
 #pragma omp parallel num_threads(threads)
@@ -863,7 +853,7 @@ int qwen3gen_block_matvec(const void *x, int x_type, const uint8_t *const *parts
                 float v;
 #ifdef __AVX512BW__
                 int l = layout[p];
-                v = integer ? dotw_blocks(w, types[p], k, words[l], word_scales[l], word_sums[l]) : dot_blocks(w, types[p], k, in, sums);
+                v = l >= 0 ? dotw_blocks(w, types[p], k, words[l], word_scales[l], word_sums[l]) : dot_blocks(w, types[p], k, in, sums);
 #else
                 v = dot_blocks(w, types[p], k, in, sums);
 #endif
