@@ -89,12 +89,17 @@ def cpu_supported() -> bool:
 
 def isa() -> str:
     """The instruction set whose library the kernels call: QWEN3GEN_CPU_ISA's, else the best this CPU has."""
-    return os.environ.get("QWEN3GEN_CPU_ISA") or next(iter(supported_isas()), "avx2")
+    return os.environ.get("QWEN3GEN_CPU_ISA") or _best_isa()
 
 
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded library of isa(), "") or (None, why not)."""
-    return _build(isa())
+    return _build(os.environ.get("QWEN3GEN_CPU_ISA") or _best_isa())
+
+
+@functools.cache
+def _best_isa() -> str:
+    return next(iter(supported_isas()), "avx2")
 
 
 @functools.cache
@@ -250,25 +255,41 @@ def block_matvec(
     apart in a GGUF file, often in different formats): part i is blocks [rows_i, k / block weights * block bytes]
     uint8 of GGML's type number block_types[i] (a key of BLOCK_FORMATS), each row's blocks decoded as they are
     multiplied; N is the parts' rows together. One call for them all: the input is made once."""
-    if len(parts) != len(block_types) or not parts:
-        raise ValueError(f"block_matvec takes one block type per part, not {len(block_types)} for {len(parts)} parts")
-    for blocks, block_type in zip(parts, block_types):
-        check_blocks(blocks, block_type, k)
-    n = sum(blocks.shape[0] for blocks in parts)
+    addresses, codes, rows, n = _block_parts(parts, block_types, k)
     x, residual, out = _product_arguments(x, n, k, residual, swiglu)
-    count = len(parts)
-    addresses = (ctypes.c_void_p * count)(*[blocks.data_ptr() for blocks in parts])
-    codes = (ctypes.c_int * count)(*[BLOCK_FORMATS[t][1] for t in block_types])
-    rows = (ctypes.c_long * count)(*[blocks.shape[0] for blocks in parts])
     (x_ptr, x_type), *rest = [_pointer(t) for t in (x, bias, norm_weight)]
     flat = [value for pair in rest for value in pair]  # bias, norm weight: address and type each
     status = _library()[0].qwen3gen_block_matvec(
-        x_ptr, x_type, addresses, codes, rows, count, k, *flat, eps, _pointer(residual)[0], swiglu, out.data_ptr(),
-        out.shape[1], torch.get_num_threads(),
+        x_ptr, x_type, addresses, codes, rows, len(parts), k, *flat, eps, _pointer(residual)[0], swiglu,
+        out.data_ptr(), out.shape[1], torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("the CPU kernel could not allocate its input buffer")
     return out
+
+
+_PARTS: dict[tuple, tuple] = {}  # _block_parts' C arrays by the parts' layout
+
+
+def _block_parts(parts: list[torch.Tensor], block_types: list[int], k: int) -> tuple:
+    """(addresses, codes, rows as C arrays, N) of a weight's parts, checked and made once per layout of its parts
+    (each one's address, shape, strides, dtype and device): a decode step calls the same layers again and again."""
+    key = (tuple((b.data_ptr(), *b.shape, *b.stride(), b.dtype, b.is_cpu) for b in parts), tuple(block_types), k)
+    found = _PARTS.get(key)
+    if found is not None:
+        return found
+    if len(parts) != len(block_types) or not parts:
+        raise ValueError(f"block_matvec takes one block type per part, not {len(block_types)} for {len(parts)} parts")
+    for blocks, block_type in zip(parts, block_types):
+        check_blocks(blocks, block_type, k)
+    count = len(parts)
+    addresses = (ctypes.c_void_p * count)(*[blocks.data_ptr() for blocks in parts])
+    codes = (ctypes.c_int * count)(*[BLOCK_FORMATS[t][1] for t in block_types])
+    rows = (ctypes.c_long * count)(*[blocks.shape[0] for blocks in parts])
+    if len(_PARTS) >= 4096:  # more layers than any model has: layouts of tensors gone
+        _PARTS.clear()
+    _PARTS[key] = addresses, codes, rows, sum(blocks.shape[0] for blocks in parts)
+    return _PARTS[key]
 
 
 @block_matvec.register_fake
