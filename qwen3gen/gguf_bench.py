@@ -33,7 +33,7 @@ LLAMA_CPP_INSTALL = (
 @dataclass
 class GGUFRow:
     engine: str
-    load_s: float  # the engine's load call
+    load_s: float  # the engine's imports and load call (qwen3gen's imports torch)
     ready_s: float  # the child process launched to the engine loaded: interpreter start and imports included
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
