@@ -133,6 +133,12 @@ class PagedBatch:
         return kernels if kernels is not None and (self.decode or kernels.PAGED_PREFILL) else None
 
     @property
+    def head_kernels(self) -> ModuleType | None:
+        """The kernels of the output head's product in any step: the head multiplies only the rows that are sampled,
+        a matvec even in a prefill step (where the full product would decode every block of a GGUF head)."""
+        return self.backend.kernels
+
+    @property
     def block_size(self) -> int:
         return self.caches[0][0].shape[2]
 

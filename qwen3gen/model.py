@@ -238,7 +238,7 @@ class Qwen3(nn.Module):
     def logits(self, x: torch.Tensor, batch: PagedBatch | None) -> torch.Tensor:
         """The final norm and the output head of hidden states x [..., hidden]."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        kernels = None if batch is None else batch.kernels
+        kernels = None if batch is None else batch.head_kernels
         if kernels is not None and kernels.FUSED_HEAD and x.dim() == 2 and 0 < x.shape[0] <= kernels.MATVEC_ROWS:
             return fused_linear(kernels, x[None], head, norm=self.norm)[0]  # [rows, hidden] as [1, rows, hidden]
         x = self.norm(x)

@@ -51,7 +51,7 @@ BLOCK_FORMATS = {
 }  # fmt: skip
 HUGE_PAGE = 2 << 20
 PAGED_PREFILL = False  # prefill steps run the reference lines (SDPA), compute-bound on a CPU anyway
-FUSED_HEAD = True  # in a decode step the output head is one more weight stream: matvec, with the final norm inside
+FUSED_HEAD = True  # the output head (sampled rows only) is one more weight stream: matvec, with the final norm inside
 # matvec's most input rows. Each added row costs matvec the FMAs of one more pass (weights read once): the 0.6B layer's
 # four products took 0.8 / 3.5 / 9.4 / 18 ms at 1 / 8 / 16 / 32 bf16 rows, F.linear 2.0 / 13 / 45 / 81 (its bf16 product
 # converts per row, never caught up through 128); float32 F.linear (a real GEMM) came level only near 64 (28 vs 30 ms).
