@@ -54,14 +54,18 @@ def prompts(vocab: int, prompt_tokens: int, prefill_tokens: int) -> tuple[list[i
     return [rng.randint(0, top) for _ in range(prompt_tokens)], [rng.randint(0, top) for _ in range(prefill_tokens)]
 
 
-def qwen3gen_engine(path: str, threads: int) -> tuple[int, Callable[[list[int], int], tuple[float, float, list[int]]]]:
-    """(vocabulary size, run(prompt, new tokens) -> (seconds to the first token, seconds for the rest, tokens))."""
+def qwen3gen_engine(
+    path: str, threads: int, kv_memory: int
+) -> tuple[int, Callable[[list[int], int], tuple[float, float, list[int]]]]:
+    """(vocabulary size, run(prompt, new tokens) -> (seconds to the first token, seconds for the rest, tokens)); a KV
+    pool of kv_memory bytes, room for the runs' context as llama.cpp's n_ctx is (the default pool, of gigabytes, would
+    count towards the RSS as the runs write fresh blocks of it)."""
     import torch
 
     import qwen3gen
 
     torch.set_num_threads(threads)
-    llm = qwen3gen.load(path, device="cpu", dtype="bfloat16")
+    llm = qwen3gen.load(path, device="cpu", dtype="bfloat16", kv_memory=kv_memory, block_size=BLOCK_SIZE)
     engine = llm.engine
 
     def run(prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
@@ -112,14 +116,14 @@ def llama_cpp_engine(
 
 def measure(
     engine: str, path: str, prompt_tokens: int, new_tokens: int, prefill_tokens: int, reps: int, threads: int,
-    launched: float,
+    kv_memory: int, launched: float,
 ) -> dict:  # fmt: skip
     """One engine's figures, in this process (launched: the wall-clock time its parent started it)."""
     start = time.perf_counter()
     if engine == "qwen3gen":
-        vocab, run = qwen3gen_engine(path, threads)
+        vocab, run = qwen3gen_engine(path, threads, kv_memory)
     else:
-        vocab, run = llama_cpp_engine(path, threads, max(prompt_tokens + new_tokens, prefill_tokens) + 16)
+        vocab, run = llama_cpp_engine(path, threads, context_tokens(prompt_tokens, new_tokens, prefill_tokens))
     loaded, ready = time.perf_counter(), time.time() - launched
     prompt, long_prompt = prompts(vocab, prompt_tokens, prefill_tokens)
     decode, prefill, tokens = [], [], []
@@ -135,6 +139,25 @@ def measure(
         peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,  # kB on Linux
         tokens=tokens,
     )  # fmt: skip
+
+
+BLOCK_SIZE = 16  # qwen3gen's KV block size in the bench
+
+
+def context_tokens(prompt_tokens: int, new_tokens: int, prefill_tokens: int) -> int:
+    """The longest context of the runs, and a little room: llama.cpp's n_ctx, and qwen3gen's pool."""
+    return max(prompt_tokens + new_tokens, prefill_tokens) + 16
+
+
+def pool_bytes(path: str, context: int) -> int:
+    """A bf16 KV pool with room for one request of `context` tokens (and the scratch block and one more)."""
+    import torch
+
+    from .engine.kv_pool import bytes_per_block
+    from .loaders.gguf import GGUFCheckpoint
+
+    config = GGUFCheckpoint.open(path).config
+    return bytes_per_block(config, BLOCK_SIZE, torch.bfloat16) * (-(-context // BLOCK_SIZE) + 2)
 
 
 def failed(engine: str, why: str) -> GGUFRow:
@@ -179,10 +202,11 @@ def run_gguf_bench(
 
         raise ModelNotFoundError(f"no GGUF file at {path}.")
     threads = threads or len(os.sched_getaffinity(0))
-    options = [str(v) for v in (prompt_tokens, new_tokens, prefill_tokens, reps, threads)]
+    kv_memory = pool_bytes(path, context_tokens(prompt_tokens, new_tokens, prefill_tokens))  # (a bad file stops here)
+    options = [str(v) for v in (prompt_tokens, new_tokens, prefill_tokens, reps, threads, kv_memory)]
     setup = dict(
         model=path, file_gb=os.path.getsize(path) / 1e9, threads=threads, prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens, prefill_tokens=prefill_tokens, reps=reps,
+        new_tokens=new_tokens, prefill_tokens=prefill_tokens, reps=reps, kv_pool_mib=kv_memory / 2**20,
     )  # fmt: skip
     rows: list[GGUFRow] = []
     for engine in sorted(engines, key=GGUF_ENGINES.index):
@@ -211,7 +235,8 @@ def format_gguf_setup(setup: dict) -> str:
     return (
         f"{setup['model']} ({setup['file_gb']:.2f} GB) | {setup['threads']} threads | "
         f"prompt {setup['prompt_tokens']} + "
-        f"{setup['new_tokens']} new tokens, greedy | prefill {setup['prefill_tokens']} | median of {setup['reps']}"
+        f"{setup['new_tokens']} new tokens, greedy | prefill {setup['prefill_tokens']} | median of {setup['reps']} "
+        f"| qwen3gen's KV pool {setup['kv_pool_mib']:.0f} MiB"
     )
 
 
@@ -235,7 +260,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="one engine's GGUF measurement (run by `qwen3gen bench`)")
     parser.add_argument("engine", choices=GGUF_ENGINES)
     parser.add_argument("path")
-    for name in ("prompt_tokens", "new_tokens", "prefill_tokens", "reps", "threads"):
+    for name in ("prompt_tokens", "new_tokens", "prefill_tokens", "reps", "threads", "kv_memory"):
         parser.add_argument(name, type=int)
     parser.add_argument("launched", type=float, help="the wall-clock time the parent started this process")
     args = parser.parse_args()
@@ -250,6 +275,7 @@ def main() -> None:
             args.prefill_tokens,
             args.reps,
             args.threads,
+            args.kv_memory,
             args.launched,
         )
     except Qwen3GenError as error:  # the sentence is the row's error

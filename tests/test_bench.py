@@ -116,16 +116,26 @@ def test_gguf_bench_measures_qwen3gen_in_its_own_process(tiny_q8_gguf, monkeypat
     assert ours.decode_vs_llama_cpp is None and setup["file_gb"] > 0 and setup["threads"] >= 1
 
 
-def test_gguf_bench_command_prints_its_table_and_a_crash_as_a_row(tiny_q8_gguf, tmp_path, capsys):
+def test_gguf_bench_command_prints_its_table_and_refuses_a_bad_file(tiny_q8_gguf, tmp_path, capsys):
     code = cli.main(["bench", "--model", str(tiny_q8_gguf), "--engines", "qwen3gen", "--prompt-tokens", "4", "--new-tokens", "3", "--prefill-tokens", "8", "--reps", "1"])
     out = capsys.readouterr().out
     assert code == 0 and "| engine | decode tok/s | x llama.cpp | prefill tok/s" in out
     assert out.strip().splitlines()[-1].startswith("| qwen3gen | ")
     broken = tmp_path / "broken.gguf"
-    broken.write_bytes(tiny_q8_gguf.read_bytes()[:4096])  # cut short: the child's load fails with a clear sentence
+    broken.write_bytes(tiny_q8_gguf.read_bytes()[:4096])  # cut short: refused before any engine starts
     code = cli.main(["bench", "--model", str(broken), "--engines", "qwen3gen", "--new-tokens", "3", "--reps", "1"])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert code == 0 and last.startswith("| qwen3gen | exited with status 1: ") and "Traceback" not in last
+    captured = capsys.readouterr()
+    assert code != 0 and "is truncated or corrupt" in captured.err and "Traceback" not in captured.err + captured.out
+
+
+def test_gguf_bench_reports_a_crashing_engine_as_its_row(tiny_q8_gguf, monkeypatch):
+    """An engine's process that dies (here: killed by a signal as it starts) is its row's message, not the bench's end."""
+    from qwen3gen import gguf_bench
+
+    real_run = gguf_bench.subprocess.run
+    monkeypatch.setattr(gguf_bench.subprocess, "run", lambda command, **kw: real_run(["sh", "-c", "kill -SEGV $$"], **kw))
+    _, (row,) = gguf_bench.run_gguf_bench(str(tiny_q8_gguf), engines=("qwen3gen",), new_tokens=2, reps=1)
+    assert row.error == "crashed (SIGSEGV)"
 
 
 def test_gguf_bench_against_llama_cpp(tiny_q8_gguf):
