@@ -6,6 +6,8 @@ without bf16 instructions, and their time grows with the rows (they are bound by
 inductor's generated reductions did no better (BENCHMARKS.md). cpu.c has the contracts of gpu.py's CUDA kernels:
 - `matvec` streams each weight row once with AVX2 for up to MATVEC_ROWS input rows (one new token per request), with
   what surrounds the product inside: the RMSNorm before it, SwiGLU before the down product, the residual add after it;
+- `block_matvec` is matvec for GGML's block formats (GGUF files, int4), a layer's parts of different formats in one
+  call; on AVX-512, a bf16 input row meets the blocks as 16-bit integers (VNNI's vpdpwssd where the CPU has it);
 - `new_token` (q/k norm, rotation, writes to the paged KV pool) and `decode_attention` (one new token per row over
   its blocks of the pool) stand for some twenty small PyTorch ops a layer, each a few microseconds of dispatch here.
 Weights are also moved into memory advised for 2 MiB pages (`huge_page_weights`), which the reads need to come near the
@@ -94,7 +96,7 @@ def isa() -> str:
 
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded library of isa(), "") or (None, why not)."""
-    return _build(os.environ.get("QWEN3GEN_CPU_ISA") or _best_isa())
+    return _build(isa())
 
 
 @functools.cache
