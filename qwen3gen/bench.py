@@ -296,7 +296,8 @@ def format_row(r: BenchRow) -> str:
     )
 
 
-def to_json(setup: dict, rows: list[BenchRow] | list[ThroughputRow]) -> str:
+def to_json(setup: dict, rows: list) -> str:
+    """A bench's setup and rows (dataclasses) as JSON."""
     return json.dumps({"setup": setup, "rows": [asdict(r) for r in rows]}, indent=2)
 
 

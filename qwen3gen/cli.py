@@ -255,20 +255,15 @@ def run_bench_command(args: argparse.Namespace) -> None:
         return show
 
     if gguf:
-        from .gguf_bench import GGUF_TABLE_HEAD, format_gguf_row, format_gguf_setup, gguf_json, run_gguf_bench
+        from .gguf_bench import GGUF_TABLE_HEAD, format_gguf_row, format_gguf_setup, run_gguf_bench
 
-        def show_gguf(setup: dict, row: object) -> None:
-            if not shown:
-                print(format_gguf_setup(setup), "", GGUF_TABLE_HEAD, sep="\n")
-            shown.append(row)
-            print(format_gguf_row(row, setup), flush=True)
-
+        show = printer(format_gguf_setup, GGUF_TABLE_HEAD, format_gguf_row)
         setup, rows = run_gguf_bench(
             args.model, engines, args.prompt_tokens, args.new_tokens,
-            args.prefill_tokens, args.reps, on_row=None if args.json else show_gguf,
+            args.prefill_tokens, args.reps, on_row=None if args.json else show,
         )  # fmt: skip
         if args.json:
-            print(gguf_json(setup, rows))
+            print(to_json(setup, rows))
         return
     if args.serve:
         from .serve_bench import SERVE_TABLE_HEAD, format_serve_row, format_serve_setup, run_serve_bench

@@ -38,6 +38,7 @@ class GGUFRow:
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
     peak_rss_gb: float
+    peak_rss_vs_file: float
     decode_vs_llama_cpp: float | None
     prefill_vs_llama_cpp: float | None
     same_tokens: int | None  # leading greedy tokens identical to the first row's (of the first 32)
@@ -161,7 +162,7 @@ def pool_bytes(path: str, context: int) -> int:
 
 
 def failed(engine: str, why: str) -> GGUFRow:
-    return GGUFRow(engine, 0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, [], why)
+    return GGUFRow(engine, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, [], why)
 
 
 def child_row(engine: str, path: str, options: list[str], timeout: float) -> GGUFRow:
@@ -182,7 +183,11 @@ def child_row(engine: str, path: str, options: list[str], timeout: float) -> GGU
     if done.returncode != 0 or not lines:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return failed(engine, f"exited with status {done.returncode}: {last}")
-    return GGUFRow(**json.loads(lines[-1]), decode_vs_llama_cpp=None, prefill_vs_llama_cpp=None, same_tokens=None)
+    figures = json.loads(lines[-1])
+    return GGUFRow(
+        **figures, peak_rss_vs_file=figures["peak_rss_gb"] * 1e9 / os.path.getsize(path), decode_vs_llama_cpp=None,
+        prefill_vs_llama_cpp=None, same_tokens=None,
+    )  # fmt: skip
 
 
 def run_gguf_bench(
@@ -240,7 +245,7 @@ def format_gguf_setup(setup: dict) -> str:
     )
 
 
-def format_gguf_row(row: GGUFRow, setup: dict) -> str:
+def format_gguf_row(row: GGUFRow) -> str:
     if row.error:
         return f"| {row.engine} | {row.error} |"
     ratio = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
@@ -248,12 +253,8 @@ def format_gguf_row(row: GGUFRow, setup: dict) -> str:
         f"| {row.engine} | {row.decode_tokens_per_s:.1f} | {ratio(row.decode_vs_llama_cpp)} "
         f"| {row.prefill_tokens_per_s:.0f} "
         f"| {ratio(row.prefill_vs_llama_cpp)} | {row.load_s:.2f} | {row.ready_s:.2f} | {row.peak_rss_gb:.2f} "
-        f"| {row.peak_rss_gb / setup['file_gb']:.2f} | {'-' if row.same_tokens is None else row.same_tokens} |"
+        f"| {row.peak_rss_vs_file:.2f} | {'-' if row.same_tokens is None else row.same_tokens} |"
     )
-
-
-def gguf_json(setup: dict, rows: list[GGUFRow]) -> str:
-    return json.dumps({"setup": setup, "rows": [asdict(r) for r in rows]}, indent=2)
 
 
 def main() -> None:

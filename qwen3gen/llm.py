@@ -388,13 +388,12 @@ def load(
         from .loaders import gguf  # imports the gguf package, for .gguf files only
 
         checkpoint = gguf.GGUFCheckpoint.open(model)
-        tokenizer, read_weights = checkpoint.tokenizer(), gguf.load_model
+        tokenizer, read_weights, quantized = checkpoint.tokenizer(), gguf.load_model, checkpoint.quantized
     else:
         directory = resolve(str(model))
         checkpoint = Checkpoint.open(directory)
-        tokenizer, read_weights = Tokenizer.from_dir(directory), load_model
-    quantized = bool(quantization) or getattr(checkpoint, "quantized", False)
-    dtype = dtype or default_dtype(device, quantized)
+        tokenizer, read_weights, quantized = Tokenizer.from_dir(directory), load_model, False
+    dtype = dtype or default_dtype(device, quantized or bool(quantization))
     weights = read_weights(checkpoint, device, dtype, huge_pages=not quantization)  # (quantized: placed after)
     if quantization:
         weights = quantize(weights, quantization)

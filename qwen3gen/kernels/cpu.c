@@ -826,8 +826,7 @@ int qwen3gen_block_matvec(const void *x, int x_type, const uint8_t *const *parts
     float *in = inputs(x, x_type, k, norm, norm_type, eps, swiglu, rows, stride);
     if (!in) return -1;
     int failed = 0;
-    float sums[k / 16]; /* the input's sums over each 16, for the formats' offsets (one input row) */
-    for (long j = 0; j < k / 16; j++) sums[j] = vf_sum(vf_add(vf_load(in + 16 * j), LANES == 16 ? vf_zero() : vf_load(in + 16 * j + 8)));
+    int float_lines = rows == 1; /* a part goes through dot_blocks, which takes the input's sums over each 16 */
 #ifdef __AVX512BW__
     /* A bf16 model's decode step: make_words (fp16 keeps more bits), in two layouts, two blocks' paired (Q4_0, Q5_0)
        and a superblock's 256 (the K formats). Q8_0 goes through the float lines: its bytes cost no decoding. */
@@ -835,11 +834,16 @@ int qwen3gen_block_matvec(const void *x, int x_type, const uint8_t *const *parts
     int16_t words[2][integer ? k : 1];
     float word_scales[2][integer ? k / 32 : 1], word_sums[2][integer ? k / 32 : 1];
     int layout[count], made[2] = {0, 0};
+    float_lines = 0;
     for (int p = 0; p < count; p++) {
         int l = layout[p] = !integer || types[p] == Q8_0 ? -1 : types[p] >= Q4_K;
         if (l >= 0 && !made[l]++) make_words(in, k, l ? 256 : 32, !l, words[l], word_scales[l], word_sums[l]);
+        float_lines |= l < 0 && rows == 1;
     }
 #endif
+    float sums[k / 16]; /* the formats' offsets multiply them (one input row) */
+    for (long j = 0; float_lines && j < k / 16; j++)
+        sums[j] = vf_sum(vf_add(vf_load(in + 16 * j), LANES == 16 ? vf_zero() : vf_load(in + 16 * j + 8)));
 #pragma omp parallel num_threads(threads)
     {
         float *buffer = rows == 1 ? NULL : aligned_alloc(64, (size_t)(k + 15) / 16 * 16 * sizeof(float));
