@@ -28,6 +28,7 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str) -> No
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs and for quantized weights, else float32)")
     parser.add_argument("--compile", action="store_true", help="compile the model's blocks with torch.compile and, on a GPU, run each step as a CUDA graph (warm-up: tens of seconds)")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization (int8: per-channel scales; int4: Q4_K blocks, CPU only)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="split every layer over N GPUs from --device on (or N CPU processes); Hugging Face checkpoints (default: 1)")
     add_engine_options(parser)
 
 
@@ -41,7 +42,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 def load_kwargs(args: argparse.Namespace) -> dict:
     """llm.load's options from the model flags (generate, chat and serve share them); unset engine options left out."""
     engine = {name: getattr(args, name) for name in ("kv_memory", "max_running", "max_batched_tokens")}
-    options = dict(device=args.device, dtype=args.dtype, compile=args.compile, quantization=args.quantize)
+    options = dict(
+        device=args.device, dtype=args.dtype, compile=args.compile, quantization=args.quantize,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )  # fmt: skip
     return {**options, **{name: value for name, value in engine.items() if value is not None}}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from .kernels.cpu import huge_page_weights
 from .loaders.checkpoint import Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve
 from .loaders.quantize import check_quantization, quantize
 from .model import Qwen3
+from .parallel import check_shardable, check_size
 from .results import Generation, GenerationStats, peak_memory
 from .sampling import SamplingParams, derive_seed
 from .tokenizer import Tokenizer
@@ -190,6 +192,16 @@ class LLM:
     def device(self) -> torch.device:
         return self.engine.device
 
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (tensor_parallel_size > 1); nothing to do otherwise."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos_token_ids
@@ -361,6 +373,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     compile: bool = False,
     quantization: str | None = None,
+    tensor_parallel_size: int = 1,
     **engine_options: object,
 ) -> LLM:
     """Load a checkpoint folder, a Hub repo id, an alias ("base", "reasoning"), or a .gguf file (qwen3, qwen2).
@@ -368,6 +381,8 @@ def load(
     quantization="int8" stores the linear weights as int8 (per-channel scales), "int4" as Q4_K blocks (CPU only), with
     bf16 activations by default. A .gguf file's Q8_0, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K layers stay as they are on a CPU
     (bf16 activations by default where the file is quantized).
+    tensor_parallel_size=N splits every layer over N ranks (parallel.py): this process and N - 1 it starts, on the
+    CUDA devices from `device` on (NCCL), or on the CPU (gloo); Hugging Face checkpoints only. close() stops them.
     engine_options: kv_memory (bytes or "8GiB"), max_running, max_batched_tokens, block_size, kernels (engine.Engine).
     The device, dtype, quantization and option names (and kv_memory's format) are checked before anything is read.
     """
@@ -377,13 +392,15 @@ def load(
     # Engine's own keyword options, less those LLM passes itself.
     options = [
         name for name, p in inspect.signature(Engine).parameters.items()
-        if p.kind is p.KEYWORD_ONLY and name not in ("compile", "default_max_new_tokens")
+        if p.kind is p.KEYWORD_ONLY and name not in ("compile", "default_max_new_tokens", "parallel")
     ]  # fmt: skip
     unknown = sorted(set(engine_options) - set(options))
     if unknown:
         raise InvalidParameterError(f"load() has no option {unknown[0]!r}; the engine options are {', '.join(options)}.")
     if engine_options.get("kv_memory") is not None:
         parse_size(engine_options["kv_memory"])
+    if tensor_parallel_size != 1:
+        return load_parallel(model, device, dtype, compile, quantization, tensor_parallel_size, engine_options)
     if str(model).lower().endswith(".gguf"):
         from .loaders import gguf  # imports the gguf package, for .gguf files only
 
@@ -398,3 +415,35 @@ def load(
     if quantization:
         weights = quantize(weights, quantization)
     return LLM(weights, tokenizer, checkpoint.generation_config, compile=compile, **engine_options)
+
+
+def load_parallel(
+    model: str | Path, device: torch.device, dtype: torch.dtype | None, compile: bool, quantization: str | None,
+    size: int, engine_options: dict,
+) -> LLM:  # fmt: skip
+    """load() with tensor_parallel_size=size: start the other ranks, then load this rank's shard beside them."""
+    from .engine.distributed import Leader  # starts processes: imported only where asked for
+
+    check_size(size)
+    if str(model).lower().endswith(".gguf") or quantization:
+        raise InvalidParameterError("tensor parallelism runs Hugging Face checkpoints (bf16, fp16 or fp32 weights), "
+                                    "not GGUF files or quantized weights.")  # fmt: skip
+    if device.type not in ("cuda", "cpu"):
+        raise InvalidParameterError(f"tensor parallelism runs on CUDA GPUs or on the CPU, not on {device.type}.")
+    directory = resolve(str(model))
+    checkpoint = Checkpoint.open(directory)
+    check_shardable(checkpoint.config, size)
+    first = device.index or 0
+    have = torch.cuda.device_count() - first if device.type == "cuda" else os.cpu_count() or 1
+    if size > have:
+        what = f"CUDA devices from cuda:{first} on" if device.type == "cuda" else "CPU cores"
+        raise InvalidParameterError(f"tensor_parallel_size {size} is more than the {have} {what} this machine has.")
+    dtype = dtype or default_dtype(device)
+    leader = Leader.launch(size, directory, device, dtype, checkpoint.config.vocab_size)
+    try:
+        weights = load_model(checkpoint, device, dtype, shard=leader.shard)
+        return LLM(weights, Tokenizer.from_dir(directory), checkpoint.generation_config, compile=compile,
+                   parallel=leader, **engine_options)  # fmt: skip
+    except BaseException:
+        leader.close()
+        raise

@@ -2,7 +2,7 @@
 
 request.py (a request and its text), block_manager.py (blocks and the prefix cache), kv_pool.py (the pool's memory),
 scheduler.py (what runs next), runner.py (one step through the model, CUDA graphs), sampler.py (per-request
-sampling), engine.py (the loop).
+sampling), engine.py (the loop), distributed.py (tensor-parallel ranks following rank 0's steps).
 """
 
 from .engine import Engine

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import threading
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,9 @@ from .request import Logprob, Request, RequestOutput, TextState
 from .runner import ModelRunner, PendingTokens, StepLogits
 from .sampler import Sampled, Sampler
 from .scheduler import ScheduledStep, Scheduler
+
+if TYPE_CHECKING:
+    from .distributed import Leader
 
 DEFAULT_MAX_NEW_TOKENS = 1024
 
@@ -59,6 +63,8 @@ class Engine:
     overlap (default: on CUDA) launches each step before reading back the one before it, so that the host's work of a
     step (scheduling, inputs, outputs) runs while the device computes; where the device runs each operation as it is
     called (a CPU), it would only compute a token more after each finish.
+    parallel: the other tensor-parallel ranks (distributed.Leader), when the model is rank 0's shard (parallel.py):
+    they get every step too, and close() stops them.
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class Engine:
         kernels: bool = True,
         overlap: bool | None = None,
         default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        parallel: Leader | None = None,
     ) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         weight = model.norm.weight  # the model's device and dtype (the embedding may be blocks.py's)
@@ -91,7 +98,13 @@ class Engine:
         self.blocks = BlockManager(self.pool.num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, self.max_running, self.max_batched_tokens)
         self.runner = ModelRunner(model, self.pool, self.backend, self.max_running, self.max_batched_tokens, compile)
-        self.sampler = Sampler(self.config.vocab_size, self.device)
+        self.parallel = parallel
+        # A rank's model holds its share of the vocabulary; the logits it returns are the whole vocabulary's.
+        self.vocab_size = self.config.vocab_size if parallel is None else parallel.vocab_size
+        if parallel is not None:
+            options = dict(max_rows=self.max_running, max_tokens=self.max_batched_tokens, compile=compile)
+            self.runner = parallel.lead(self.runner, kernels=kernels, **options)
+        self.sampler = Sampler(self.vocab_size, self.device)
         self.requests: dict[str, Request] = {}
         self._lock = threading.RLock()
         self._ids = itertools.count()
@@ -108,7 +121,7 @@ class Engine:
         step), unless it has stop strings, which need it."""
         params = params or SamplingParams()
         ids = [int(t) for t in prompt_ids]
-        vocab, context = self.config.vocab_size, self.config.max_position_embeddings
+        vocab, context = self.vocab_size, self.config.max_position_embeddings
         if not ids:
             raise InvalidParameterError("the prompt is empty.")
         if min(ids) < 0 or max(ids) >= vocab:
@@ -262,6 +275,11 @@ class Engine:
         self.scheduler.remove(request)
         self.sampler.release(request)
         del self.requests[request.request_id]
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (nothing to do otherwise)."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     def reset_prefix_cache(self) -> None:
         """Forget the prefix cache: later requests compute their prompts again (benchmarks repeating one workload)."""

@@ -26,8 +26,10 @@ from ..config import Qwen3Config
 from ..errors import CheckpointError, InvalidParameterError, ModelNotFoundError
 from ..kernels.cpu import huge_page_weights
 from ..model import Qwen3
+from ..parallel import Shard, shard_config, shard_layers, shard_part
 
 T = TypeVar("T")
+Part = tuple[int, int, int]  # (axis, start, stop) of a tensor
 
 MODEL_ALIASES = {"base": "Qwen/Qwen3-0.6B-Base", "reasoning": "Qwen/Qwen3-0.6B"}
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
@@ -103,8 +105,10 @@ class Checkpoint:
         config = Qwen3Config.from_file(directory / "config.json")
         return cls(directory, config, _read_generation_config(directory), _tensor_files(directory))
 
-    def tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) one at a time, each file memory-mapped and opened once."""
+    def tensors(self, names: list[str], parts: dict[str, Part] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) one at a time, each file memory-mapped and opened once; a name in `parts` as only its
+        part (axis, start, stop): a tensor-parallel rank's share, the rest never read."""
+        parts = parts or {}
         with ExitStack() as stack:
             handles = {}
             for name in names:
@@ -112,7 +116,11 @@ class Checkpoint:
                 try:
                     if file not in handles:
                         handles[file] = stack.enter_context(safe_open(file, framework="pt"))
-                    tensor = handles[file].get_tensor(name)
+                    if name in parts:
+                        axis, start, stop = parts[name]
+                        tensor = handles[file].get_slice(name)[(slice(None),) * axis + (slice(start, stop),)]
+                    else:
+                        tensor = handles[file].get_tensor(name)
                 except (SafetensorError, OSError) as err:
                     raise CheckpointError(f"{file} is corrupt or unreadable ({err}).") from None
                 yield name, tensor
@@ -207,10 +215,15 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def unallocated_model(cfg: Qwen3Config, dtype: torch.dtype) -> Qwen3:
-    """The model's modules with meta tensors of `dtype` (no memory, no initialisation), for to_empty and a load."""
+def unallocated_model(cfg: Qwen3Config, dtype: torch.dtype, shard: Shard | None = None) -> Qwen3:
+    """The model's modules with meta tensors of `dtype` (no memory, no initialisation), for to_empty and a load; with
+    a shard, that tensor-parallel rank's part of the model (parallel.py)."""
     with torch.device("meta"), _SkipInit():
-        return Qwen3(cfg).to(dtype)
+        if shard is None:
+            return Qwen3(cfg).to(dtype)
+        model = Qwen3(shard_config(cfg, shard.size))
+        shard_layers(model, shard, cfg.vocab_size)
+        return model.to(dtype)
 
 
 def allocate(model: Qwen3, device: torch.device, huge_pages: bool) -> None:
@@ -222,15 +235,28 @@ def allocate(model: Qwen3, device: torch.device, huge_pages: bool) -> None:
         huge_page_weights(model, copy=False)
 
 
-def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, huge_pages: bool = True) -> Qwen3:
-    """Build the model without initialising it, then copy each checkpoint tensor into place (see allocate)."""
-    model = unallocated_model(checkpoint.config, dtype)
-    names = check_tensors(model, checkpoint)
+def load_model(
+    checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, huge_pages: bool = True, shard: Shard | None = None
+) -> Qwen3:
+    """Build the model without initialising it, then copy each checkpoint tensor into place (see allocate); with a
+    shard, only that rank's part of each tensor is read (parallel.shard_part), and spare rows past it are zeros."""
+    whole = unallocated_model(checkpoint.config, dtype)
+    names = check_tensors(whole, checkpoint)
+    model = whole if shard is None else unallocated_model(checkpoint.config, dtype, shard)
     allocate(model, device, huge_pages)
     targets = {hf_name(n): t for n, t in model.checkpoint_tensors()}  # views into the new storage
+    parts = {}
+    if shard is not None:
+        full = {hf_name(n): tuple(t.shape) for n, t in whole.checkpoint_tensors()}
+        parts = {n: p for n in names if (p := shard_part(n, full[n], tuple(targets[n].shape), shard.rank))}
     with torch.no_grad():
-        for name, tensor in load_progress(checkpoint.tensors(names), len(names), checkpoint.directory.name):
-            targets[name].copy_(tensor)
+        for name, tensor in load_progress(checkpoint.tensors(names, parts), len(names), checkpoint.directory.name):
+            target = targets[name]
+            if name in parts:
+                axis, start, stop = parts[name]
+                target.narrow(axis, stop - start, target.shape[axis] - (stop - start)).zero_()
+                target = target.narrow(axis, 0, stop - start)
+            target.copy_(tensor)
     return model.eval()
 
 

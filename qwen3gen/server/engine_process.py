@@ -64,8 +64,7 @@ def _engine_main(build: Callable[[], LLM], connection: Connection) -> None:
         _send(connection, ("failed", error))
         return
     engine = llm.engine
-    config = llm.model.config
-    served = ServedModel(llm.tokenizer, llm.generation_config, config.max_position_embeddings, config.vocab_size)
+    served = ServedModel(llm.tokenizer, llm.generation_config, engine.config.max_position_embeddings, engine.vocab_size)
     _send(connection, ("ready", served, engine.stats()))
     try:
         while True:
@@ -84,6 +83,8 @@ def _engine_main(build: Callable[[], LLM], connection: Connection) -> None:
             _send(connection, ("step", outputs, engine.stats()))
     except (EOFError, OSError):  # the parent has gone
         return
+    finally:
+        llm.close()  # the other tensor-parallel ranks, if any
 
 
 def _obey(engine: Engine, connection: Connection, command: tuple) -> None:
