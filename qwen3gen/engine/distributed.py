@@ -26,9 +26,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..attention import choose_backend
 from ..errors import EngineError
+from ..loaders.checkpoint import Checkpoint, load_model
 from ..parallel import Shard
 from ..sampling import SamplingParams
+from .kv_pool import KVPool
 from .request import Request
 from .runner import ModelRunner, PendingTokens, StepLogits
 
@@ -112,11 +115,8 @@ class Leader:
     def failure(self, err: BaseException) -> EngineError:
         """The error of a step that a lost rank broke; the engine cannot go on after it."""
         time.sleep(0.2)  # a rank that broke the collective is usually exiting: let it finish, so it can be named
-        lost = [(rank, p.poll()) for rank, p in enumerate(self.processes, 1) if p.poll() is not None]
-        said = ""
-        for rank, _ in lost:  # a worker that failed of itself said why
-            if self.store.check([f"error{rank}"]):
-                said = ": " + self.store.get(f"error{rank}").decode()
+        lost = [(rank, code) for rank, p in enumerate(self.processes, 1) if (code := p.poll()) is not None]
+        said = "".join(f": {message}" for rank, _ in lost if (message := said_by(self.store, rank)))
         who = ", ".join(f"rank {r} exited (code {c})" for r, c in lost) or f"a collective failed ({str(err).splitlines()[0]})"
         self.failed = f"tensor-parallel {who}{said}; this engine cannot go on (load the model again)."
         return EngineError(self.failed)
@@ -192,12 +192,17 @@ def wait_joined(store: dist.TCPStore, processes: list) -> None:
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     for rank, process in enumerate(processes, 1):
         while not store.check([f"joined{rank}"]):
-            if process.poll() is not None:
-                said = store.get(f"error{rank}").decode() if store.check([f"error{rank}"]) else "no message"
-                raise EngineError(f"tensor-parallel rank {rank} exited before it started (code {process.poll()}): {said}")
+            if (code := process.poll()) is not None:
+                said = said_by(store, rank) or "no message"
+                raise EngineError(f"tensor-parallel rank {rank} exited before it started (code {code}): {said}")
             if time.monotonic() > deadline:
                 raise EngineError(f"tensor-parallel rank {rank} did not start within {JOIN_TIMEOUT_S} s.")
             time.sleep(0.01)
+
+
+def said_by(store: dist.TCPStore, rank: int) -> str | None:
+    """What a worker that failed of itself left in the store before exiting (worker_main), if anything."""
+    return store.get(f"error{rank}").decode() if store.check([f"error{rank}"]) else None
 
 
 def worker_main(rank: int, size: int, port: int, directory: str, device: str, dtype: torch.dtype, threads: int) -> None:
@@ -214,8 +219,6 @@ def worker_main(rank: int, size: int, port: int, directory: str, device: str, dt
         store.set(f"joined{rank}", "1")
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo", store=store, rank=rank, world_size=size)
         control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-        from ..loaders.checkpoint import Checkpoint, load_model  # the loaders import this package
-
         shard = Shard(rank, size, dist.group.WORLD)
         model = load_model(Checkpoint.open(directory), target, dtype, shard=shard)
         follow(model, shard, control)
@@ -233,9 +236,6 @@ def worker_main(rank: int, size: int, port: int, directory: str, device: str, dt
 
 def follow(model: torch.nn.Module, shard: Shard, control: dist.ProcessGroup) -> None:
     """Run rank 0's steps on this rank's shard until it sends None."""
-    from ..attention import choose_backend
-    from .kv_pool import KVPool
-
     device, dtype = model.norm.weight.device, model.norm.weight.dtype
     runner, mirrors = None, {}
     while True:
