@@ -110,6 +110,13 @@ def main(tokenizer_dir: Path, device: str = "cuda") -> int:
     fast.overlap = True
     check("overlapped steps (decode tokens fed from the device) == synchronous steps, greedy and seeded sampling",
           overlapped == synchronous, f"requests differing: {sum(a != b for a, b in zip(overlapped, synchronous))}")  # fmt: skip
+    drawn = [SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.8 * (i % 2), seed=i) for i in range(20)]
+    recorded = greedy(fast, prompts, 40, drawn)  # decode graphs leave the greedy tokens where the next step reads
+    graphs, fast.runner.use_graphs = fast.runner.use_graphs, False
+    unrecorded = greedy(fast, prompts, 40, drawn)
+    fast.runner.use_graphs = graphs
+    check("recorded steps (greedy tokens fed inside the graph, draws written over them) == the same kernels unrecorded",
+          recorded == unrecorded, f"requests differing: {sum(a != b for a, b in zip(recorded, unrecorded))}")  # fmt: skip
     long = torch.randint(0, 151643, (1024,)).tolist()  # one recorded prefill step of 1,024 tokens
     first = greedy(fast, [long], 1)[0][0]
     with torch.inference_mode():  # a float32 copy: the engine's recorded graphs hold the bf16 weights' addresses

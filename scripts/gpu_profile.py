@@ -6,8 +6,8 @@ prefill chunks and of decode steps at the largest batch (torch.profiler).
 bench runs them (overlapped), the decode graph's replays alone, and the share of a profiled window in which the GPU
 was busy, with the kernels and copies outside the graph.
 
-Run on the GPU machine from the repository root: python3 scripts/gpu_profile.py [batch1] (`... cpu` or `... batch1
-cpu`: a dry run of the script on a 2-layer shape and 8 requests)
+Run on the GPU machine from the repository root: python3 scripts/gpu_profile.py [batch1 | compiled] (`... cpu` or
+`... batch1 cpu`: a dry run of the script on a 2-layer shape and 8 requests)
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ from qwen3gen.bench import (  # noqa: E402
 from qwen3gen.engine.kv_pool import bytes_per_block  # noqa: E402
 
 
-def main(device: str = "cuda") -> None:
+def main(device: str = "cuda", compiled: bool = False) -> None:
     dev = torch.device(device)
     cfg = qwen3gen.preset("0.6B").replace(num_hidden_layers=28 if device == "cuda" else 2)
     requests = 256 if device == "cuda" else 8
     model = random_model(cfg, dev, torch.bfloat16)
-    engine = Engine(model, overlap=False)
+    engine = Engine(model, overlap=False, compile=compiled)
+    print(f"engine: {'compiled' if compiled else 'eager'}, steps synchronous")
     warm_up(engine, warmup_workload(dev, requests, cfg.vocab_size, 1))
     kv_token = bytes_per_block(cfg, 1, torch.bfloat16)
     weights = weight_bytes_per_step(model)
@@ -99,6 +100,20 @@ def busy_share(prof: profile) -> tuple[float, float]:
     return busy / 1e6, (spans[-1][1] - spans[0][0]) / 1e6 if spans else 0.0
 
 
+def idle_before(prof: profile) -> list[tuple[str, tuple[int, float]]]:
+    """The GPU's idle seconds before each kernel or copy, summed by its name: which work the GPU waited for (inside a
+    graph, a launch gap; outside one, the host)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type.name == "CUDA")
+    idle: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    end = spans[0][1] if spans else 0
+    for start, stop, name in spans[1:]:
+        entry = idle[name]
+        entry[0] += 1
+        entry[1] += max(0.0, start - end) / 1e6
+        end = max(end, stop)
+    return sorted(((k, (v[0], v[1])) for k, v in idle.items()), key=lambda kv: -kv[1][1])
+
+
 def batch_one(device: str = "cuda") -> None:
     dev = torch.device(device)
     cfg = qwen3gen.preset("0.6B").replace(num_hidden_layers=28 if device == "cuda" else 2)
@@ -127,13 +142,17 @@ def batch_one(device: str = "cuda") -> None:
     for _ in range(20):
         engine.step()
     synchronize(dev)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    # The GPU's side only on CUDA: profiling the host's calls would slow the host, and make the GPU wait for it.
+    activities = [ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         for _ in range(20):
             engine.step()
         synchronize(dev)
     busy, span = busy_share(prof)
     print(f"profiled 20 steps: GPU busy {busy * 1e3:.2f} ms of {span * 1e3:.2f} ms ({busy / max(span, 1e-9):.0%})")
+    print("GPU idle time before each kind of GPU work (the 20 steps), largest first:")
+    for name, (count, idle) in idle_before(prof)[:12]:
+        print(f"  {idle * 1e3:8.3f} ms over {count:5d} (mean {idle / count * 1e6:6.2f} us)  {name[:90]}")
     order = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=order, row_limit=25, max_name_column_width=70))
     while engine.has_unfinished():
@@ -144,4 +163,5 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["batch1"]:
         batch_one(*sys.argv[2:])
     else:
-        main(*sys.argv[1:])
+        words = sys.argv[1:]
+        main(*[w for w in words if w != "compiled"], compiled="compiled" in words)

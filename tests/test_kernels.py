@@ -2,6 +2,7 @@
 TRITON_INTERPRET=1), against the model's own PyTorch lines over a paged pool."""
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -225,3 +226,35 @@ def test_warm_up_records_every_step_graph(tiny_llm, monkeypatch):
     for _ in range(20):
         tokens += [t for out in engine.step() if out.request_id == request for t in out.new_token_ids]
     assert tokens == expected
+
+
+def test_decode_graphs_feed_sampled_and_penalised_tokens(tiny_llm, monkeypatch):
+    """A decode graph leaves its greedy tokens in the buffer the next step reads; rows that draw change them there,
+    and a batch with penalised rows takes its greedy tokens again from the changed logits: greedy and seeded sampled
+    requests, then greedy and penalised ones, through the recorded decode steps (overlapped) get the tokens each gets
+    through the reference lines."""
+    monkeypatch.setattr(gpu, "available", lambda device: True)
+    greedy = qwen3gen.SamplingParams(max_new_tokens=12, ignore_eos=True)
+    drawn = [greedy, replace(greedy, temperature=1.0, seed=3), replace(greedy, temperature=0.7, top_k=20, seed=5)]
+    penalised = [greedy, replace(greedy, repetition_penalty=1.5), replace(greedy, frequency_penalty=1.0)]
+    prompts = [tiny_llm.tokenizer.encode(t) for t in ["Hi", "Name a colour.", "Count to three."]]
+
+    def run(params: list[qwen3gen.SamplingParams], kernels: bool) -> list[list[int]]:
+        engine = qwen3gen.Engine(tiny_llm.model, kv_memory="4MiB", max_running=4, kernels=kernels, overlap=kernels)
+        if kernels:
+            monkeypatch.setattr(engine.runner, "use_graphs", True)
+        ids = [engine.add_request(p, s) for p, s in zip(prompts, params)]
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        for _ in range(40):
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+            if not engine.has_unfinished():
+                break
+        if kernels:
+            assert engine.runner.graphs  # the decodes were recorded steps
+        return [tokens[i] for i in ids]
+
+    for params in (drawn, penalised):
+        expected = run(params, kernels=False)
+        assert run(params, kernels=True) == expected
+        assert len({tuple(t) for t in expected}) == 3 and all(len(t) == 12 for t in expected)

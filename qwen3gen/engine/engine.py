@@ -199,7 +199,7 @@ class Engine:
             for request, n in zip(scheduled.requests, scheduled.num_tokens):
                 request.num_computed += n
             requests = list(step.sample_rows)
-            sampled = self.sampler.sample(requests, step.sampled_logits()) if requests else None
+            sampled = self.sampler.sample(requests, *step.sampled_logits()) if requests else None
         except BaseException:  # an interrupt, or a failed kernel: this step's blocks were entered as cached
             self._fail(scheduled.requests)  # but never computed, and its requests cannot go on
             raise

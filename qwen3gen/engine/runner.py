@@ -34,13 +34,15 @@ class StepLogits:
     logits: torch.Tensor  # [rows, vocab]
     sample_rows: dict[Request, int]  # the row of each request that samples its next token in this step
     prompt_rows: dict[Request, tuple[int, int]]  # (first row, row count) of prompt positions to score
+    greedy: torch.Tensor | None = None  # each row's largest logit's token, where the step computed them [rows]
 
-    def sampled_logits(self) -> torch.Tensor:
-        """The sampling rows' logits, in the order of sample_rows (a view when they are the first rows in order)."""
+    def sampled_logits(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sampling rows' logits in the order of sample_rows (a view when they are the first rows in order), and
+        their greedy tokens where the step has them."""
         rows = list(self.sample_rows.values())
         if rows == list(range(len(rows))):
-            return self.logits[: len(rows)]
-        return self.logits[to_device(rows, self.logits.device, torch.long)]
+            return self.logits[: len(rows)], None if self.greedy is None else self.greedy[: len(rows)]
+        return self.logits[to_device(rows, self.logits.device, torch.long)], None
 
 
 @dataclass
@@ -104,11 +106,15 @@ class ModelRunner:
             if start + n == request.num_tokens:
                 sample_rows[request] = len(rows)
                 rows.append(len(tokens) - 1)
-        if self.use_graphs and feeding:  # the recorded steps read the pending tokens from their fixed buffer
+        decode = self.use_graphs and max(num_tokens) == 1  # at most max_running requests: the largest graph size
+        graph = self.decode_graph(len(requests)) if decode else None  # recorded (perhaps now) before the feed is set
+        # The recorded steps read the pending tokens from their fixed buffer, where a decode graph leaves its
+        # greedy tokens (which are the pending ones unless the sampler changed them elsewhere).
+        if self.use_graphs and feeding and pending.tokens.data_ptr() != self.feed.data_ptr():
             self.feed[: len(pending.tokens)].copy_(pending.tokens)
-        if self.use_graphs and max(num_tokens) == 1:  # at most max_running requests: the largest graph size
-            logits = self.decode_graph(requests, tokens, fed, starts)
-            return StepLogits(logits, sample_rows, prompt_rows)
+        if graph is not None:
+            logits = graph.replay(requests, tokens, fed, starts)[: len(requests)]
+            return StepLogits(logits, sample_rows, prompt_rows, self.feed[: len(requests)])
         seq_lens = [s + n for s, n in zip(starts, num_tokens)]
         which = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(num_tokens))  # each token's request
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, num_tokens)])
@@ -140,12 +146,12 @@ class ModelRunner:
         for size in sorted(prefill_sizes - set(self.prefill_graphs), reverse=True):
             self.prefill_graphs[size] = PrefillGraph(self, size)
 
-    def decode_graph(self, requests: list[Request], tokens: list[int], fed: list[int], starts: list[int]) -> torch.Tensor:
-        """A decode step as the replay of the graph of the next padded size."""
-        size = next(s for s in self.graph_sizes if s >= len(requests))
+    def decode_graph(self, rows: int) -> DecodeGraph:
+        """The decode graph of the next padded size, recorded at its first use."""
+        size = next(s for s in self.graph_sizes if s >= rows)
         if size not in self.graphs:
             self.graphs[size] = DecodeGraph(self, size)
-        return self.graphs[size].replay(requests, tokens, fed, starts)[: len(requests)]
+        return self.graphs[size]
 
 
 def feed_pending(ids: torch.Tensor, fed: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -168,13 +174,12 @@ class HostTables:
     """A recorded step's block tables on the host, kept from step to step: a row is written only where it changed (a
     new request in the row: all of its table; a table that grew: the new entries), where building every table again
     costs the host time per block at every step. A row past the step's requests has block 0 (the scratch block) first.
-    In pinned memory, copied whole (a copy from pageable memory, or of part of the rows' width, may wait for the step
-    in flight); the caller takes two in turn, as the copy from one may still wait behind the step in flight."""
+    """
 
-    def __init__(self, rows: int, width: int, pinned: bool) -> None:
-        self.tables = torch.zeros(rows, width, dtype=torch.int32, pin_memory=pinned)
-        self.held: list[list[int] | None] = [None] * rows  # the table (the list itself) each row was written from
-        self.written = [0] * rows
+    def __init__(self, tables: torch.Tensor) -> None:
+        self.tables = tables  # [rows, width] int32, zeros
+        self.held: list[list[int] | None] = [None] * len(tables)  # the table (the list itself) each row was written from
+        self.written = [0] * len(tables)
         self.used = 0
 
     def update(self, requests: list[Request]) -> torch.Tensor:
@@ -190,6 +195,42 @@ class HostTables:
             self.held[row], self.written[row] = None, 0
         self.used = len(requests)
         return self.tables
+
+
+class StepInputs:
+    """A recorded step's inputs in one device buffer, copied in one piece a step: int64 parts of the given sizes, then
+    the block tables [rows, width] (int32). Each step fills one of two host buffers in turn, in pinned memory (a copy
+    from pageable memory, or of part of a buffer, may wait for the step in flight, and the copy from the one buffer
+    may still be queued behind it when the other is filled); the tables are kept from step to step (HostTables)."""
+
+    def __init__(self, sizes: dict[str, int], rows: int, width: int, device: torch.device) -> None:
+        self.sizes, self.rows, self.width = sizes, rows, width
+        words = sum(sizes.values()) + -(-rows * width // 2)
+        self.buffer = torch.zeros(words, dtype=torch.long, device=device)
+        self.parts = self.split(self.buffer)
+        self.hosts = [torch.zeros(words, dtype=torch.long, pin_memory=device.type == "cuda") for _ in range(2)]
+        self.host_parts = [self.split(host) for host in self.hosts]
+        self.host_tables = [HostTables(parts["tables"]) for parts in self.host_parts]
+        self.turn = 0
+
+    def split(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        fields = sum(self.sizes.values())
+        parts = dict(zip(self.sizes, buffer[:fields].split(list(self.sizes.values()))))
+        parts["fields"] = buffer[:fields]
+        parts["tables"] = buffer[fields:].view(torch.int32)[: self.rows * self.width].view(self.rows, self.width)
+        return parts
+
+    def fill(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+        """The next host buffer's parts, its int64 parts zeroed and its tables those of the requests' rows; copy()
+        sends it."""
+        parts = self.host_parts[self.turn]
+        parts["fields"].zero_()
+        self.host_tables[self.turn].update(requests)
+        return parts
+
+    def copy(self) -> None:
+        self.buffer.copy_(self.hosts[self.turn], non_blocking=True)
+        self.turn ^= 1
 
 
 def compile_options(device: torch.device) -> dict[str, bool]:
@@ -230,40 +271,39 @@ class RecordedStep:
 
 class DecodeGraph:
     """One decode step of `size` rows recorded over fixed input buffers (rows past the real ones decode token 0 into
-    slot 0 of the scratch block, with a context of one slot)."""
+    slot 0 of the scratch block, with a context of one slot). The step ends with each row's greedy token written to
+    the runner's feed buffer, where the next step reads its pending tokens: a greedy batch's next step then needs no
+    copy and no kernel outside its graph (the sampler takes them as its greedy picks)."""
 
     def __init__(self, runner: ModelRunner, size: int) -> None:
         device, self.block_size = runner.device, runner.pool.block_size
-        # Token ids, positions, pool slots, context lengths, pending rows (feed_pending): one copy a step, from one of
-        # two host buffers in turn (the copy from one may still be queued behind the step in flight).
-        self.inputs = torch.zeros(5, size, dtype=torch.long, device=device)
-        self.host = torch.zeros(2, 5, size, dtype=torch.long, pin_memory=device.type == "cuda")
-        self.turn = 0
-        self.ids, self.positions, slots, seq_lens, self.fed = self.inputs
-        self.tables = torch.zeros(size, runner.max_blocks, dtype=torch.int32, device=device)
-        self.host_tables = [HostTables(size, runner.max_blocks, device.type == "cuda") for _ in range(2)]
+        names = ("ids", "positions", "slots", "seq_lens", "fed")  # fed: pending rows (feed_pending)
+        self.inputs = StepInputs(dict.fromkeys(names, size), size, runner.max_blocks, device)
+        parts = self.inputs.parts
         starts = torch.arange(size + 1, device=device)
         self.batch = PagedBatch(
-            runner.backend, runner.pool.caches, slots, seq_lens, starts, self.tables, decode=True, dtype=runner.dtype
+            runner.backend, runner.pool.caches, parts["slots"], parts["seq_lens"], starts, parts["tables"],
+            decode=True, dtype=runner.dtype,
         )  # fmt: skip
-        self.forward, self.feed = runner.decode_model, runner.feed
+        self.forward, self.feed, self.size = runner.decode_model, runner.feed, size
+        held = self.feed.clone()  # recording runs the step once: the pending tokens it overwrites stay
         self.recorded = RecordedStep(self.step, device)
+        self.feed.copy_(held)
 
     def step(self) -> torch.Tensor:
-        return self.forward(feed_pending(self.ids, self.fed, self.feed), self.positions, self.batch)
+        parts = self.inputs.parts
+        logits = self.forward(feed_pending(parts["ids"], parts["fed"], self.feed), parts["positions"], self.batch)
+        self.feed[: self.size].copy_(logits.max(dim=-1).indices)  # argmax's first maximum, as the sampler takes
+        return logits
 
     def replay(self, requests: list[Request], tokens: list[int], fed: list[int], starts: list[int]) -> torch.Tensor:
         """The step's logits; each request's slot is found on the host, in its block table (a list)."""
         n, size = len(requests), self.block_size
-        tables = self.host_tables[self.turn].update(requests)
-        host = self.host[self.turn]
-        self.turn ^= 1
+        host = self.inputs.fill(requests)
         slots = [r.block_table[p // size] * size + p % size for r, p in zip(requests, starts)]
-        host.zero_()
-        host[:, :n] = torch.tensor([tokens, starts, slots, [p + 1 for p in starts], fed])
-        host[3, n:], host[4, n:] = 1, -1
-        self.inputs.copy_(host, non_blocking=True)
-        self.tables.copy_(tables, non_blocking=True)
+        host["fields"].view(5, -1)[:, :n] = torch.tensor([tokens, starts, slots, [p + 1 for p in starts], fed])
+        host["seq_lens"][n:], host["fed"][n:] = 1, -1
+        self.inputs.copy()
         return self.recorded()
 
 
@@ -275,19 +315,14 @@ class PrefillGraph:
     def __init__(self, runner: ModelRunner, size: int) -> None:
         device, rows, self.block_size = runner.device, runner.max_rows, runner.pool.block_size
         self.queries, self.query_tiles = runner.tile_queries, runner.backend.kernels.query_tiles
-        self.sizes = {  # the parts of the one input buffer (int64), copied from the host in one piece a step
+        sizes = {
             "ids": size, "fed": size, "positions": size, "slots": size, "seq_lens": rows, "starts": rows + 1,
             "tiles": 2 * (-(-size // self.queries) + rows), "singles": rows, "rows": min(rows, size),
         }  # fmt: skip
-        self.inputs = torch.zeros(sum(self.sizes.values()), dtype=torch.long, device=device)
-        self.host = torch.zeros(2, len(self.inputs), dtype=torch.long, pin_memory=device.type == "cuda")
-        self.turn = 0
-        self.parts = dict(zip(self.sizes, self.inputs.split(list(self.sizes.values()))))
-        self.tables = torch.zeros(rows, runner.max_blocks, dtype=torch.int32, device=device)
-        self.host_tables = [HostTables(rows, runner.max_blocks, device.type == "cuda") for _ in range(2)]
-        parts = self.parts
+        self.inputs = StepInputs(sizes, rows, runner.max_blocks, device)
+        self.parts = parts = self.inputs.parts
         self.batch = PagedBatch(
-            runner.backend, runner.pool.caches, parts["slots"], parts["seq_lens"], parts["starts"], self.tables,
+            runner.backend, runner.pool.caches, parts["slots"], parts["seq_lens"], parts["starts"], parts["tables"],
             decode=False, dtype=runner.dtype, tiles=parts["tiles"].view(2, -1), singles=parts["singles"],
         )  # fmt: skip
         self.model, self.feed = runner.model, runner.feed
@@ -302,17 +337,13 @@ class PrefillGraph:
         query_lens: list[int], seq_lens: list[int], rows: list[int],
     ) -> torch.Tensor:  # fmt: skip
         """The step's logits at `rows`: [len(rows), vocab]. which, positions: each token's request and position."""
-        tables = self.host_tables[self.turn].update(requests)
-        host = self.host[self.turn]
-        self.turn ^= 1
-        host.zero_()
-        parts = dict(zip(self.sizes, host.split(list(self.sizes.values()))))
+        parts = self.inputs.fill(requests)
         n, r = len(tokens), len(query_lens)
         parts["ids"][:n] = torch.tensor(tokens)
         parts["fed"][:n] = torch.tensor(fed)
         parts["fed"][n:] = -1
         parts["positions"][:n] = positions
-        parts["slots"][:n] = token_slots(tables, which, positions, self.block_size)
+        parts["slots"][:n] = token_slots(parts["tables"], which, positions, self.block_size)
         parts["seq_lens"][:r] = torch.tensor(seq_lens)
         parts["starts"][: r + 1] = torch.tensor(list(itertools.accumulate(query_lens, initial=0)))
         parts["starts"][r + 1 :] = n
@@ -324,6 +355,5 @@ class PrefillGraph:
         parts["singles"][: len(singles)] = torch.tensor(singles, dtype=torch.long)
         parts["singles"][len(singles) :] = -1
         parts["rows"][: len(rows)] = torch.tensor(rows)
-        self.inputs.copy_(host, non_blocking=True)
-        self.tables.copy_(tables, non_blocking=True)
+        self.inputs.copy()
         return self.recorded()[: len(rows)]

@@ -31,8 +31,10 @@ class Sampled:
 
     @classmethod
     def of(cls, tokens: torch.Tensor, logprob_rows: list[int], logprob_counts: list[int], extra: list[torch.Tensor]) -> "Sampled":
-        if tokens.device.type != "cuda":  # no steps overlap there: read at once
-            return cls(tokens, logprob_rows, logprob_counts, [t.cpu() for t in [tokens, *extra]], None)
+        if tokens.device.type != "cuda":  # no steps overlap there: read at once, copied (tokens may be the buffer
+            # that the next step writes, runner.DecodeGraph)
+            host = [t.to("cpu", copy=True) for t in [tokens, *extra]]
+            return cls(tokens, logprob_rows, logprob_counts, host, None)
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in [tokens, *extra]]
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(tokens.device))
@@ -81,9 +83,11 @@ class Sampler:
         return row
 
     @torch.inference_mode()
-    def sample(self, requests: list[Request], logits: torch.Tensor) -> Sampled:
+    def sample(self, requests: list[Request], logits: torch.Tensor, greedy: torch.Tensor | None = None) -> Sampled:
         """Tokens for requests[i] from logits[i] [rows, vocab], and the logprobs of those that asked for them. A
-        token mask is called with the request's output so far: its engine reads the step before first."""
+        token mask is called with the request's output so far: its engine reads the step before first. greedy: each
+        row's largest logit's token where the step computed them (a decode graph; the tokens are then written in
+        place, in the buffer the next step reads)."""
         raw = logits
         masked = [i for i, r in enumerate(requests) if r.params.token_mask is not None]
         if masked:
@@ -103,7 +107,9 @@ class Sampler:
             )  # fmt: skip
             logits = logits.float()
             logits[at] = sampling.apply_penalties(logits[at], self.counts[rows], self.prompt_seen[rows], repetition, presence, frequency)
-        tokens = logits.max(dim=-1).indices  # argmax's first maximum; argmax is slower on a CPU
+        if greedy is None or masked or penalised:
+            greedy = logits.max(dim=-1).indices  # argmax's first maximum; argmax is slower on a CPU
+        tokens = greedy
         drawn = [i for i, r in enumerate(requests) if not r.params.greedy]
         if drawn:
             picked = to_device(drawn, logits.device, torch.long)
