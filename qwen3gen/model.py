@@ -229,11 +229,23 @@ class Qwen3(nn.Module):
         else:
             x, positions = x[None], positions[None]  # the step as one row of tokens
         rope = rotary_angles(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for layer in self.layers:
-            x = layer(x, rope, batch)
+        x = self.blocks(x, rope, batch)
         if batch is None:
             return self.logits(x, None)
         return self.logits(x[0] if logits_rows is None else x[0, logits_rows], batch)
+
+    def blocks(self, x: torch.Tensor, rope: Rope, batch: PagedBatch | None) -> torch.Tensor:
+        """x through every block. A decode step whose kernels run whole blocks (the CPU's `decode_blocks`: every
+        block's decode_one_token in one call) takes that call where they know the blocks' layers."""
+        kernels = None if batch is None else batch.kernels
+        whole = getattr(kernels, "decode_blocks", None)
+        if whole is not None and batch.decode and x.shape[1] <= kernels.MATVEC_ROWS and not torch.compiler.is_compiling():
+            out = whole(self.layers, x, rope, batch)
+            if out is not None:
+                return out
+        for layer in self.layers:
+            x = layer(x, rope, batch)
+        return x
 
     def logits(self, x: torch.Tensor, batch: PagedBatch | None) -> torch.Tensor:
         """The final norm and the output head of hidden states x [..., hidden]."""

@@ -190,11 +190,11 @@ TABLE = [5, 2, 7, 1]  # the request's blocks, out of order, in a pool of 8
 TABLES = [TABLE, [3, 9, 11, 0], [10, 6, 4, 8]]  # three requests' blocks, in a pool of 12
 
 
-def random_weights(variant: str) -> qwen3gen.Qwen3:
+def random_weights(variant: str, **shape: int) -> qwen3gen.Qwen3:
     """A tiny float32 model with norms and biases far from 1 and 0; untied, Qwen2 (q/k/v biases, no q/k norms) or
     int8 (every linear layer, and the tied head, quantized) as variant says."""
     overrides = {"untied": dict(tie_word_embeddings=False), "qwen2": dict(qk_norm=False, attention_bias=True)}
-    model = qwen3gen.bench.random_model(tiny_config(**overrides.get(variant, {})), CPU, torch.float32)
+    model = qwen3gen.bench.random_model(tiny_config(**overrides.get(variant, {}), **shape), CPU, torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("bias"):
@@ -275,6 +275,46 @@ def test_decode_steps_with_the_kernels_equal_the_reference(variant, requests):
         logits.append(torch.cat(steps))
     assert logits[0].shape == (3 * requests, cfg.vocab_size)
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+
+
+@requires_kernel
+@pytest.mark.parametrize("variant", ["qwen3", "int8", "qwen2", "bf16", "int4-bf16"])
+@pytest.mark.parametrize("positions", [[10], [10, 3, 14]], ids=["one-request", "three-requests"])
+def test_every_block_in_one_call_equals_the_blocks_one_by_one(variant, positions, monkeypatch):
+    """cpu.decode_blocks (every block's decode step in one C call) against the blocks' own decode_one_token one after
+    another (the same C functions, called from Python): the same bits in the output and in every layer's pool, for
+    float32, int8, Qwen2's biases and no q/k norms, bf16, and int4 blocks (Q4_K and Q4_0) under bf16 activations; and
+    Qwen3.forward takes the one call in a decode step."""
+    shape = dict(hidden_size=256, intermediate_size=256) if variant == "int4-bf16" else {}
+    model = random_weights("qwen2" if variant == "qwen2" else "qwen3", **shape)
+    if variant in ("bf16", "int4-bf16"):
+        model = model.to(torch.bfloat16)
+    if variant in ("int8", "int4-bf16"):
+        qwen3gen.loaders.quantize.quantize(model, variant[:4])
+    dtype, cfg = model.norm.weight.dtype, model.config
+    torch.manual_seed(2)
+    pool = torch.randn(len(model.layers), 2, 12, cfg.num_key_value_heads, BLOCK, cfg.head_dim).to(dtype)
+    x = (torch.randn(1, len(positions), cfg.hidden_size) * torch.linspace(0.5, 3.0, len(positions))[:, None]).to(dtype)
+    rope = rotary_angles(torch.tensor([positions]), cfg.head_dim, cfg.rope_theta, dtype)
+    outputs = []
+    for whole in (True, False):
+        caches = [(k.clone(), v.clone()) for k, v in pool]
+        batch = decode_requests(cpu, caches, positions)
+        with torch.no_grad():
+            if whole:
+                out = cpu.decode_blocks(model.layers, x, rope, batch)
+            else:
+                out = x
+                for block in model.layers:
+                    out = block(out, rope, batch)
+        outputs.append([out, *(t for cache in caches for t in cache)])
+    for ours, theirs in zip(*outputs, strict=True):
+        assert ours.dtype == dtype and torch.equal(ours, theirs)
+    calls = []
+    monkeypatch.setattr(cpu, "decode_blocks", lambda *args: calls.append(1))  # None: the blocks one by one
+    with torch.no_grad():
+        model(torch.tensor([5] * len(positions)), torch.tensor(positions), decode_requests(cpu, [(k.clone(), v.clone()) for k, v in pool], positions))
+    assert calls == [1]
 
 
 @requires_kernel

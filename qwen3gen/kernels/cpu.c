@@ -1047,3 +1047,84 @@ int qwen3gen_decode_attention(const void *q, int type, const void *k_cache, cons
     }
     return failed ? -1 : 0;
 }
+
+/* One product of a decoder layer: a dense weight (parts NULL; qwen3gen_matvec's weight and scale) or a weight in
+   GGML's blocks (qwen3gen_block_matvec's parts), with its bias; n outputs of k inputs. */
+struct product {
+    const void *weight;
+    int weight_type;
+    const void *scale;
+    int scale_type;
+    const uint8_t *const *parts;
+    const int *types;
+    const long *part_rows;
+    int count;
+    const void *bias;
+    int bias_type;
+    long n, k;
+};
+
+/* A decoder layer as model.Block.decode_one_token runs it: its norms (the activations' type), its four products,
+   the q/k norms (NULL for Qwen2, which has none) and its pool. */
+struct layer {
+    const void *input_norm, *post_norm, *q_norm, *k_norm;
+    float eps, qk_eps;
+    struct product qkv, o, gate_up, down;
+    void *k_cache, *v_cache;
+};
+
+/* What every layer of a decode step shares: its rows (one new token each), their angles, slots and block tables. */
+struct decode_step {
+    long rows, heads, kv_heads, dim, num_blocks, block_size, rope_row_stride, table_stride, max_blocks;
+    const void *cos, *sin;
+    const int64_t *slots;
+    const int32_t *block_tables, *seq_lens;
+    float scale;
+};
+
+static int product(const struct product *p, const void *x, int type, const void *norm, float eps, const void *residual,
+                   int swiglu, void *out, long rows, int threads) {
+    int norm_type = norm ? type : 0;
+    if (p->parts)
+        return qwen3gen_block_matvec(x, type, p->parts, p->types, p->part_rows, p->count, p->k, p->bias, p->bias_type,
+                                     norm, norm_type, eps, residual, swiglu, out, rows, threads);
+    return qwen3gen_matvec(x, type, p->weight, p->weight_type, p->n, p->k, p->scale, p->scale_type, p->bias, p->bias_type,
+                           norm, norm_type, eps, residual, swiglu, out, rows, threads);
+}
+
+/* x [rows, hidden] (the activations' type) through `count` decoder layers, in place, in one call: per layer the
+   norm and q/k/v product, new_token, decode_attention, o_proj with the residual, the norm and gate/up product, SwiGLU
+   and down with the residual, each the function above it in this file (where a call from Python per product costs
+   more than a small product does). Returns 0; -1 when a buffer cannot be allocated; decode_attention's -2 and -3;
+   -4 for a slot outside the pool (new_token's -1, found before the first layer writes). */
+int qwen3gen_decode_layers(void *x, int type, const struct layer *layers, int count, const struct decode_step *s,
+                           int threads) {
+    long size = type == F32 ? 4 : 2, rows = s->rows, width = s->heads * s->dim;
+    long hidden = layers[0].o.n, qkv_n = layers[0].qkv.n, gate_up_n = layers[0].gate_up.n;
+    char *qkv = malloc((size_t)(rows * qkv_n * size)), *q = malloc((size_t)(rows * width * size));
+    char *att = malloc((size_t)(rows * width * size)), *h = malloc((size_t)(rows * hidden * size));
+    char *gate_up = malloc((size_t)(rows * gate_up_n * size));
+    int status = qkv && q && att && h && gate_up ? 0 : -1;
+    for (int i = 0; i < count && status == 0; i++) {
+        const struct layer *l = layers + i;
+        status = product(&l->qkv, x, type, l->input_norm, l->eps, NULL, 0, qkv, rows, threads);
+        if (status == 0 &&
+            qwen3gen_new_token(qkv, type, qkv_n, l->q_norm, l->k_norm, l->qk_eps, s->cos, s->sin, s->rope_row_stride,
+                               s->slots, s->num_blocks * s->block_size, l->k_cache, l->v_cache, s->kv_heads,
+                               s->block_size, q, rows, s->heads, s->dim) != 0)
+            status = -4;
+        if (status == 0)
+            status = qwen3gen_decode_attention(q, type, l->k_cache, l->v_cache, s->num_blocks, s->kv_heads, s->block_size,
+                                               s->block_tables, s->table_stride, s->max_blocks, s->seq_lens, att, rows,
+                                               s->heads, s->dim, s->scale, threads);
+        if (status == 0) status = product(&l->o, att, type, NULL, 0.0f, x, 0, h, rows, threads);
+        if (status == 0) status = product(&l->gate_up, h, type, l->post_norm, l->eps, NULL, 0, gate_up, rows, threads);
+        if (status == 0) status = product(&l->down, gate_up, type, NULL, 0.0f, h, 1, x, rows, threads);
+    }
+    free(qkv);
+    free(q);
+    free(att);
+    free(h);
+    free(gate_up);
+    return status;
+}

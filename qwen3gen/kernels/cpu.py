@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -157,7 +158,40 @@ def _build(name: str) -> tuple[ctypes.CDLL | None, str]:
         ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
         ctypes.c_long, ctypes.c_float, ctypes.c_int,
     ]  # fmt: skip
+    library.qwen3gen_decode_layers.restype = ctypes.c_int
+    library.qwen3gen_decode_layers.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Layer), ctypes.c_int, ctypes.POINTER(_DecodeStep), ctypes.c_int
+    ]  # fmt: skip
     return library, ""
+
+
+class _Product(ctypes.Structure):  # cpu.c's struct product
+    _fields_ = [
+        ("weight", ctypes.c_void_p), ("weight_type", ctypes.c_int), ("scale", ctypes.c_void_p),
+        ("scale_type", ctypes.c_int), ("parts", ctypes.POINTER(ctypes.c_void_p)), ("types", ctypes.POINTER(ctypes.c_int)),
+        ("part_rows", ctypes.POINTER(ctypes.c_long)), ("count", ctypes.c_int), ("bias", ctypes.c_void_p),
+        ("bias_type", ctypes.c_int), ("n", ctypes.c_long), ("k", ctypes.c_long),
+    ]  # fmt: skip
+
+
+class _Layer(ctypes.Structure):  # cpu.c's struct layer
+    _fields_ = [
+        ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+        ("k_norm", ctypes.c_void_p), ("eps", ctypes.c_float), ("qk_eps", ctypes.c_float), ("qkv", _Product),
+        ("o", _Product), ("gate_up", _Product), ("down", _Product), ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+    ]  # fmt: skip
+
+
+class _DecodeStep(ctypes.Structure):  # cpu.c's struct decode_step
+    _fields_ = [
+        *((name, ctypes.c_long) for name in (
+            "rows", "heads", "kv_heads", "dim", "num_blocks", "block_size", "rope_row_stride", "table_stride",
+            "max_blocks",
+        )),
+        ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("slots", ctypes.c_void_p), ("block_tables", ctypes.c_void_p),
+        ("seq_lens", ctypes.c_void_p), ("scale", ctypes.c_float),
+    ]  # fmt: skip
 
 
 def available(device: torch.device) -> bool:
@@ -441,6 +475,124 @@ def decode_attention(
 @decode_attention.register_fake
 def _(q, k_cache, v_cache, block_tables, seq_lens):  # noqa: ANN001, ANN202
     return torch.empty_like(q)
+
+
+def decode_blocks(blocks: nn.ModuleList, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch) -> torch.Tensor | None:  # noqa: ANN001
+    """model.Block.decode_one_token for every block of a decode step in one C call (qwen3gen_decode_layers), where
+    calling the products, new_token and attention from Python costs about a quarter of a small model's step: x [1,
+    rows, hidden] -> the last block's output. None where the blocks hold a layer it does not know (a tensor-parallel
+    shard's, whose products end in an all-reduce): the caller runs them one by one."""
+    layers = _layers(blocks, batch.caches, x.dtype)
+    if layers is None:
+        return None
+    rows = x.shape[1]
+    attn = blocks[0].self_attn
+    k_cache = batch.caches[0][0]
+    num_blocks, kv_heads, block_size, dim = k_cache.shape
+    cos, sin = (r.contiguous() for r in rope)
+    slots = batch.slots.to(torch.int64).contiguous()
+    seq_lens = batch.seq_lens.to(torch.int32).contiguous()
+    tables = batch.block_tables.to(torch.int32)
+    tables = tables if tables.stride(1) == 1 else tables.contiguous()
+    if slots.shape != (rows,) or seq_lens.shape != (rows,) or tables.dim() != 2 or tables.shape[0] != rows:
+        raise ValueError(f"decode_blocks: {rows} rows, slots {list(slots.shape)}, lengths {list(seq_lens.shape)}, "
+                         f"block tables {list(tables.shape)}")  # fmt: skip
+    step = _DecodeStep(
+        rows, attn.n_heads, kv_heads, dim, num_blocks, block_size, cos.shape[-1], tables.stride(0), tables.shape[1],
+        cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), seq_lens.data_ptr(), dim**-0.5,
+    )  # fmt: skip
+    out = x.contiguous().clone()
+    status = _library()[0].qwen3gen_decode_layers(
+        out.data_ptr(), TYPES[x.dtype], layers.array, len(blocks), ctypes.byref(step), torch.get_num_threads()
+    )  # fmt: skip
+    if status == -1:
+        raise MemoryError("the CPU kernels could not allocate their buffers")
+    if status == -2:
+        raise IndexError(f"decode_blocks: lengths {seq_lens.tolist()} outside [1, {tables.shape[1]} blocks x {block_size}]")
+    if status == -3:
+        raise IndexError(f"decode_blocks: a block id outside the pool's {num_blocks} blocks in the used part of {tables.tolist()}")
+    if status == -4:
+        raise IndexError(f"decode_blocks: slots {slots.tolist()} outside the pool's {num_blocks} x {block_size} slots")
+    return out
+
+
+@dataclass
+class _Layers:
+    """The C descriptions of a model's blocks over one pool, and what they point into (kept alive)."""
+
+    array: ctypes.Array
+    held: list  # the C arrays of the block formats' parts
+    tensors: list[torch.Tensor]
+    addresses: list[int]
+
+    def moved(self) -> bool:
+        """Whether the first or last tensor has moved (as huge_page_weights moves them all), checked at every step
+        where checking every tensor would cost more than a small product."""
+        return any(self.tensors[i].data_ptr() != self.addresses[i] for i in (0, -1))
+
+
+_LAYERS: dict[tuple, _Layers | None] = {}
+
+
+def _layers(blocks: nn.ModuleList, caches: list, dtype: torch.dtype) -> _Layers | None:
+    """The blocks' C descriptions over the pool's caches, made once (and again where a tensor has moved)."""
+    key = (id(blocks), caches[0][0].data_ptr(), dtype)
+    if key in _LAYERS:
+        found = _LAYERS[key]
+        if found is None or not found.moved():
+            return found
+    if len(_LAYERS) >= 64:
+        _LAYERS.clear()
+    _LAYERS[key] = _describe(blocks, caches, dtype)
+    return _LAYERS[key]
+
+
+def _describe(blocks: nn.ModuleList, caches: list, dtype: torch.dtype) -> _Layers | None:
+    tensors: list[torch.Tensor] = []
+    held: list = []
+
+    def address(t: torch.Tensor | None, same_type: bool = True) -> int | None:
+        if t is None:
+            return None
+        if not t.is_cpu or not t.is_contiguous() or t.dtype not in TYPES or same_type and t.dtype != dtype:
+            raise TypeError
+        tensors.append(t)
+        return t.data_ptr()
+
+    def product(layer: nn.Module) -> _Product:
+        bias = getattr(layer, "bias", None)
+        bias_type = 0 if bias is None else TYPES[bias.dtype]
+        if hasattr(layer, "parts"):  # loaders/blocks.py's BlockLinear: GGML blocks in parts
+            parts = [p.blocks for p in layer.parts]
+            addresses, codes, rows, n = _block_parts(parts, [p.block_type for p in layer.parts], layer.in_features)
+            tensors.extend(parts)
+            held.append((addresses, codes, rows))
+            pointers = ctypes.cast(addresses, ctypes.POINTER(ctypes.c_void_p))
+            return _Product(None, 0, None, 0, pointers, codes, rows, len(parts), address(bias, False), bias_type, n, layer.in_features)
+        if hasattr(layer, "fused"):
+            raise TypeError  # a product of its own (a tensor-parallel shard's, with its all-reduce)
+        weight, scales = layer.weight, getattr(layer, "scales", None)
+        n, k = weight.shape
+        return _Product(
+            address(weight, False), TYPES[weight.dtype], address(scales, False), 0 if scales is None else TYPES[scales.dtype],
+            None, None, None, 0, address(bias, False), bias_type, n, k,
+        )  # fmt: skip
+
+    try:
+        array = (_Layer * len(blocks))()
+        for entry, block, (k_cache, v_cache) in zip(array, blocks, caches):
+            attn, mlp = block.self_attn, block.mlp
+            qk_norm = not isinstance(attn.q_norm, nn.Identity)
+            entry.input_norm, entry.post_norm = address(block.input_layernorm.weight), address(block.post_attention_layernorm.weight)
+            entry.eps = block.input_layernorm.eps
+            if qk_norm:
+                entry.q_norm, entry.k_norm, entry.qk_eps = address(attn.q_norm.weight), address(attn.k_norm.weight), attn.q_norm.eps
+            entry.qkv, entry.o = product(attn.qkv_proj), product(attn.o_proj)
+            entry.gate_up, entry.down = product(mlp.gate_up_proj), product(mlp.down_proj)
+            entry.k_cache, entry.v_cache = address(k_cache), address(v_cache)
+    except TypeError:
+        return None
+    return _Layers(array, held, tensors, [t.data_ptr() for t in tensors])
 
 
 def huge_page_weights(model: nn.Module, copy: bool = True) -> None:
