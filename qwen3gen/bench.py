@@ -16,11 +16,14 @@ import gc
 import json
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .choices import ENGINES, THROUGHPUT_ENGINES
 from .config import Qwen3Config, preset
@@ -28,8 +31,9 @@ from .engine import Engine
 from .engine.engine import default_limits
 from .engine.kv_pool import bytes_per_block, default_kv_memory, parse_size
 from .errors import InvalidParameterError
+from .llm import load_shard
 from .loaders.checkpoint import (
-    Checkpoint, default_dtype, load_model, parse_device, parse_dtype, resolve, unallocated_model,
+    Checkpoint, default_dtype, hf_name, load_model, parse_device, parse_dtype, resolve, unallocated_model,
 )
 from .loaders.quantize import quantize
 from .model import Qwen3
@@ -132,6 +136,31 @@ def load_bench_model(model_name: str | None, preset_name: str, dev: torch.device
     return random_model(preset(preset_name), dev, dt), None
 
 
+def write_checkpoint(model: Qwen3, directory: Path) -> Path:
+    """The model's weights as a Hugging Face checkpoint folder (config.json, a safetensors file per layer: no full
+    copy on the host), which tensor-parallel ranks read their shards from."""
+    cfg = model.config
+    files: dict[str, dict[str, str]] = {}
+    groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in model.checkpoint_tensors():
+        groups.setdefault(name.split(".")[1] if name.startswith("layers.") else "rest", []).append((hf_name(name), tensor))
+    for group, tensors in groups.items():
+        file = f"model-{group}.safetensors"
+        save_file({name: t.detach().to("cpu").contiguous() for name, t in tensors}, directory / file)
+        files.update({name: file for name, _ in tensors})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": files}))
+    config = {
+        "model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size, "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias, "torch_dtype": str(model.norm.weight.dtype).removeprefix("torch."),
+    }  # fmt: skip
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
 def device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
 
@@ -204,11 +233,32 @@ def run_bench(
     quantization: str | None = None,
     engines: tuple[str, ...] = ENGINES,
     on_row: Callable[[dict, BenchRow], None] | None = None,
+    tensor_parallel_size: int = 1,
 ) -> tuple[dict, list[BenchRow]]:
-    """Measure every engine in turn; on_row(setup, row) sees each row as soon as it is measured."""
+    """Measure every engine in turn; on_row(setup, row) sees each row as soon as it is measured. With
+    tensor_parallel_size N > 1, each qwen3gen row is followed by the same engine over N ranks ("qwen3gen tp=N"; random
+    weights are written to a temporary checkpoint folder first, as each rank reads its shard from files)."""
     dev = parse_device(device)
     dt = parse_dtype(dtype) or default_dtype(dev, bool(quantization))
+    if tensor_parallel_size > 1 and quantization:
+        raise InvalidParameterError("tensor parallelism runs unquantized weights: leave out --quantize.")
     model, checkpoint_dir = load_bench_model(model_name, preset_name, dev, dt)
+    with tempfile.TemporaryDirectory() as scratch:
+        shard_dir = None
+        if tensor_parallel_size > 1:
+            shard_dir = Path(checkpoint_dir) if checkpoint_dir else write_checkpoint(model, Path(scratch))
+        return bench_rows(
+            model, checkpoint_dir, preset_name, dev, dt, prompt_tokens, new_tokens, batch, reps, quantization, engines,
+            on_row, tensor_parallel_size, shard_dir,
+        )  # fmt: skip
+
+
+def bench_rows(
+    model: Qwen3, checkpoint_dir: str | None, preset_name: str, dev: torch.device, dt: torch.dtype, prompt_tokens: int,
+    new_tokens: int, batch: int, reps: int, quantization: str | None, engines: tuple[str, ...],
+    on_row: Callable[[dict, BenchRow], None] | None, tensor_parallel_size: int, shard_dir: Path | None,
+) -> tuple[dict, list[BenchRow]]:  # fmt: skip
+    """run_bench's rows, on its model (and, for tensor-parallel rows, the checkpoint folder its ranks read)."""
     cfg = model.config
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 151643, (batch, prompt_tokens), generator=generator).tolist()
@@ -242,21 +292,39 @@ def run_bench(
         "bytes_per_decode_step": step_bytes,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "tensor_parallel_size": tensor_parallel_size,
     }
     baseline = None
+    runs = []  # (engine, tensor-parallel size)
     for name in engines:
         if name == "transformers-static" and dev.type != "cuda":
             continue  # transformers compiles its static-cache path only on accelerators
+        runs.append((name, 1))
+        if tensor_parallel_size > 1 and name.startswith("qwen3gen"):
+            runs.append((name, tensor_parallel_size))
+    for name, size in runs:
         reset_peak_memory(dev)
+        engine = None
         if name.startswith("qwen3gen"):
-            run = qwen3gen_run(Engine(model, compile=name.endswith("compiled"), **engine_options), prompts, new_tokens)
+            compiled = name.endswith("compiled")
+            if size == 1:
+                engine = Engine(model, compile=compiled, **engine_options)
+            else:
+                weights, leader, _ = load_shard(shard_dir, dev, dt, size)
+                engine = Engine(weights, compile=compiled, parallel=leader, **engine_options)
+            run = qwen3gen_run(engine, prompts, new_tokens)
         else:
             run = transformers_run(hf, prompts, new_tokens, static=name.endswith("static"))
-        warmup, ttft, decode_s, tokens = median_run(run, reps)
+        try:
+            warmup, ttft, decode_s, tokens = median_run(run, reps)
+        finally:
+            if engine is not None:
+                engine.close()  # the other ranks, if any
         steps_per_s = (new_tokens - 1) / decode_s
         reference = reference or tokens
         same = next((i for i, (a, b) in enumerate(zip(tokens[:32], reference[:32])) if a != b), min(32, len(tokens)))
         label = f"{name} ({quantization})" if quantization and name.startswith("qwen3gen") else name
+        label += f" tp={size}" if size > 1 else ""
         rows.append(BenchRow(
             engine=label,
             time_to_first_token_ms=ttft * 1e3,
@@ -275,6 +343,14 @@ def run_bench(
         if on_row:
             on_row(setup, row)
     return setup, rows
+
+
+def parallel_ratios(rows: list[BenchRow]) -> list[str]:
+    """Each tensor-parallel row's decode speed against the same engine's row on one rank (the row before it)."""
+    return [
+        f"{row.engine}: {row.decode_tokens_per_s / before.decode_tokens_per_s:.2f}x {before.engine}"
+        for before, row in zip(rows, rows[1:]) if " tp=" in row.engine
+    ]  # fmt: skip
 
 
 TABLE_HEAD = "| engine | TTFT ms | decode tok/s | x transformers | GB/s | % of bandwidth | peak MiB | warm-up s | same first-32 tokens |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"

@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up run)")
     bench.add_argument("--engines", help=f"comma-separated subset of {','.join(ENGINES)} (with --throughput: of {','.join(THROUGHPUT_ENGINES)}; with a .gguf --model: of {','.join(GGUF_ENGINES)})")
     bench.add_argument("--json", action="store_true", help="print the setup and rows as JSON")
+    bench.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="also run each qwen3gen row split over N ranks (GPUs from --device on, or CPU processes), after the same engine on one")
     bench.add_argument("--prefill-tokens", type=int, default=512, help="with a .gguf --model: the prefill prompt's length (default: 512)")
     workload = bench.add_argument_group("--throughput: the offline workload (defaults: 256 requests of 100-1,024 + 100-1,024 tokens on a GPU, 8 of 16-64 + 16-64 on a CPU)")
     workload.add_argument("--throughput", action="store_true", help="many requests of random lengths through the engine and transformers' continuous batching")
@@ -231,16 +232,19 @@ def run_chat(llm: LLM, args: argparse.Namespace) -> None:
 def run_bench_command(args: argparse.Namespace) -> None:
     from .bench import (
         TABLE_HEAD, THROUGHPUT_TABLE_HEAD, format_row, format_setup, format_throughput_row, format_throughput_setup,
-        run_bench, run_throughput, to_json,
+        parallel_ratios, run_bench, run_throughput, to_json,
     )
 
     counts = ("prompt_tokens", "new_tokens", "batch", "reps", "requests", "concurrency", "max_batched_tokens", "prefill_tokens")
+    counts += ("tensor_parallel_size",)
     counts += ("min_prompt_tokens", "max_prompt_tokens", "min_output_tokens", "max_output_tokens")
     for name in counts:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InvalidParameterError(f"--{name.replace('_', '-')} must be at least 1, not {value}.")
     gguf = bool(args.model) and args.model.endswith(".gguf") and not (args.throughput or args.serve)
+    if args.tensor_parallel_size > 1 and (gguf or args.throughput or args.serve):
+        raise InvalidParameterError("--tensor-parallel-size takes the decode rows (not --throughput, --serve or a .gguf file).")
     known = GGUF_ENGINES if gguf else THROUGHPUT_ENGINES if args.throughput else ENGINES
     engines = tuple(e.strip() for e in (args.engines or ",".join(known)).split(",") if e.strip())
     unknown = [e for e in engines if e not in known]
@@ -290,10 +294,12 @@ def run_bench_command(args: argparse.Namespace) -> None:
     show = printer(format_setup, TABLE_HEAD, format_row)
     setup, rows = run_bench(
         args.model, args.preset, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.reps,
-        args.quantize, engines, on_row=None if args.json else show,
+        args.quantize, engines, on_row=None if args.json else show, tensor_parallel_size=args.tensor_parallel_size,
     )
     if args.json:
         print(to_json(setup, rows))
+    else:
+        print(*parallel_ratios(rows), sep="\n")
 
 
 def check_serve_args(args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from .parallel import check_shardable, check_size
 from .results import Generation, GenerationStats, peak_memory
 from .sampling import SamplingParams, derive_seed
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .engine.distributed import Leader
 
 Prompt = str | Sequence[int]
 FALLBACK_MAX_NEW_TOKENS = 1024
@@ -422,15 +426,27 @@ def load_parallel(
     size: int, engine_options: dict,
 ) -> LLM:  # fmt: skip
     """load() with tensor_parallel_size=size: start the other ranks, then load this rank's shard beside them."""
-    from .engine.distributed import Leader  # starts processes: imported only where asked for
-
-    check_size(size)
     if str(model).lower().endswith(".gguf") or quantization:
         raise InvalidParameterError("tensor parallelism runs Hugging Face checkpoints (bf16, fp16 or fp32 weights), "
                                     "not GGUF files or quantized weights.")  # fmt: skip
+    directory = resolve(str(model))
+    weights, leader, checkpoint = load_shard(directory, device, dtype, size)
+    try:
+        return LLM(weights, Tokenizer.from_dir(directory), checkpoint.generation_config, compile=compile,
+                   parallel=leader, **engine_options)  # fmt: skip
+    except BaseException:
+        leader.close()
+        raise
+
+
+def load_shard(directory: Path, device: torch.device, dtype: torch.dtype | None, size: int) -> tuple[Qwen3, Leader, Checkpoint]:
+    """Rank 0's shard of a checkpoint folder's weights, and the other ranks started beside it, each loading its own
+    (refused with one sentence where the model or the machine cannot be split `size` ways)."""
+    from .engine.distributed import Leader  # starts processes: imported only where asked for
+
+    check_size(size)
     if device.type not in ("cuda", "cpu"):
         raise InvalidParameterError(f"tensor parallelism runs on CUDA GPUs or on the CPU, not on {device.type}.")
-    directory = resolve(str(model))
     checkpoint = Checkpoint.open(directory)
     check_shardable(checkpoint.config, size)
     first = device.index or 0
@@ -441,9 +457,7 @@ def load_parallel(
     dtype = dtype or default_dtype(device)
     leader = Leader.launch(size, directory, device, dtype, checkpoint.config.vocab_size)
     try:
-        weights = load_model(checkpoint, device, dtype, shard=leader.shard)
-        return LLM(weights, Tokenizer.from_dir(directory), checkpoint.generation_config, compile=compile,
-                   parallel=leader, **engine_options)  # fmt: skip
+        return load_model(checkpoint, device, dtype, shard=leader.shard), leader, checkpoint
     except BaseException:
         leader.close()
         raise

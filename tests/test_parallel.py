@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import qwen3gen
+import qwen3gen.bench
+import qwen3gen.loaders.checkpoint
 from qwen3gen.config import Qwen3Config
 from qwen3gen.errors import EngineError, InvalidParameterError
 from qwen3gen.parallel import check_shardable, shard_config, shard_part
@@ -196,3 +198,38 @@ def running(pid: int) -> bool:
             return stat.read().rpartition(")")[2].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_bench_runs_each_qwen3gen_row_again_over_two_ranks(biased_checkpoint, tmp_path):
+    """`bench --tensor-parallel-size 2`: after each qwen3gen row, the same engine over two ranks, whose greedy tokens
+    equal the one-rank row's (float32), with its speed against that row; random weights reach the ranks through a
+    checkpoint folder bench writes, which loads back as the same tensors."""
+    setup, rows = qwen3gen.bench.run_bench(
+        str(biased_checkpoint), device="cpu", dtype="float32", prompt_tokens=6, new_tokens=6, reps=1,
+        engines=("qwen3gen",), tensor_parallel_size=2,
+    )  # fmt: skip
+    assert [r.engine for r in rows] == ["qwen3gen", "qwen3gen tp=2"] and setup["tensor_parallel_size"] == 2
+    assert rows[1].same_tokens == 6 and rows[1].decode_tokens_per_s > 0
+    assert qwen3gen.bench.parallel_ratios(rows) == [
+        f"qwen3gen tp=2: {rows[1].decode_tokens_per_s / rows[0].decode_tokens_per_s:.2f}x qwen3gen"
+    ]
+    model = qwen3gen.bench.random_model(Qwen3Config(
+        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=96, tie_word_embeddings=False,
+    ), torch.device("cpu"), torch.bfloat16)  # fmt: skip
+    folder = qwen3gen.bench.write_checkpoint(model, tmp_path)
+    loaded = qwen3gen.loaders.checkpoint.load_model(
+        qwen3gen.loaders.checkpoint.Checkpoint.open(folder), torch.device("cpu"), torch.bfloat16
+    )  # fmt: skip
+    assert loaded.config == model.config
+    for (name, ours), (_, theirs) in zip(loaded.checkpoint_tensors(), model.checkpoint_tensors(), strict=True):
+        assert torch.equal(ours, theirs), name
+
+
+def test_bench_refuses_tensor_parallel_rows_it_cannot_run(capsys):
+    from qwen3gen.cli import main
+
+    for extra in (["--throughput"], ["--quantize", "int8"]):
+        assert main(["bench", "--device", "cpu", "--tensor-parallel-size", "2", *extra]) != 0
+        err = capsys.readouterr().err
+        assert "tensor" in err and "Traceback" not in err
