@@ -229,8 +229,16 @@ def unallocated_model(cfg: Qwen3Config, dtype: torch.dtype, shard: Shard | None 
 def allocate(model: Qwen3, device: torch.device, huge_pages: bool) -> None:
     """Storage for an unallocated model's tensors, values undefined; with huge_pages, on a CPU in memory for 2 MiB
     pages, which the decode kernels read faster (kernels/cpu.py), so that the weights are copied into place once.
-    Not for weights about to be replaced (quantized): their block would stay held by the tensors left in it."""
-    model.to_empty(device=device)
+    Not for weights about to be replaced (quantized): their block would stay held by the tensors left in it.
+    torch.empty for each tensor (a tensor shared by two modules stays one), as Module.to_empty does but without
+    empty_like of a meta tensor, whose first call imports torch's symbolic-shapes machinery (a third of a second)."""
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if id(tensor) not in made:
+                fresh = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+                made[id(tensor)] = nn.Parameter(fresh, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else fresh
+            setattr(module, name, made[id(tensor)])
     if huge_pages and device.type == "cpu":
         huge_page_weights(model, copy=False)
 
