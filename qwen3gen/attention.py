@@ -29,8 +29,8 @@ from .kernels import cpu, gpu
 
 @dataclass(frozen=True)
 class AttentionBackend:
-    """kernels: the module whose new_token / decode_attention (and, at one token, matvec) run decode steps, or None
-    (the reference)."""
+    """kernels: the module whose new_token and decode_attention (or decode_step_attention, both in one; and, at one
+    token, matvec) run decode steps, or None (the reference)."""
 
     kernels: ModuleType | None
 

@@ -99,8 +99,10 @@ class Attention(nn.Module):
         rows, tokens, _ = qkv.shape
         kernels = None if batch is None else batch.kernels
         if kernels is not None:  # the step's tokens side by side, each the row of one kernel program
-            q = self.new_token(kernels, qkv.view(tokens, 1, -1), [r.view(tokens, 1, 1, -1) for r in rope], batch)
-            return batch.attend_written(self.layer_index, q).view(1, tokens, -1)
+            flat, rope = qkv.view(tokens, 1, -1), [r.view(tokens, 1, 1, -1) for r in rope]
+            if batch.decode and hasattr(kernels, "decode_step_attention"):
+                return self.new_token(kernels, flat, rope, batch, attend=True).view(1, tokens, -1)
+            return batch.attend_written(self.layer_index, self.new_token(kernels, flat, rope, batch)).view(1, tokens, -1)
         heads = qkv.view(rows, tokens, -1, self.head_dim)  # query, key, value heads
         qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
         # Query and key heads are normed and rotated as one tensor: compiled, one kernel where there would be four.
@@ -111,14 +113,20 @@ class Attention(nn.Module):
             out = batch.attend(self.layer_index, q[0], k[0], v[0])
         return out.reshape(rows, tokens, -1)
 
-    def new_token(self, kernels: ModuleType, qkv: torch.Tensor, rope: list[torch.Tensor], batch: PagedBatch) -> torch.Tensor:
+    def new_token(
+        self, kernels: ModuleType, qkv: torch.Tensor, rope: list[torch.Tensor], batch: PagedBatch, attend: bool = False
+    ) -> torch.Tensor:  # fmt: skip
         """The lines from qk_norm to the cache write above as one kernel, a program per token (and key/value head):
-        returns the query heads [tokens, heads, 1, head_dim]; the pool holds the new keys and values."""
+        returns the query heads [tokens, heads, 1, head_dim]; the pool holds the new keys and values. attend: the
+        decode step's attention too, in the same kernel (where the kernels have one): returns its output."""
         qk_norm = not isinstance(self.q_norm, nn.Identity)
         q_weight, k_weight = (self.q_norm.weight, self.k_norm.weight) if qk_norm else (qkv, qkv)  # unused without norms
         eps = self.q_norm.eps if qk_norm else 0.0
         k_cache, v_cache = batch.caches[self.layer_index]
-        return kernels.new_token(qkv, q_weight, k_weight, *rope, batch.slots, k_cache, v_cache, self.n_heads, eps, qk_norm)
+        args = (qkv, q_weight, k_weight, *rope, batch.slots, k_cache, v_cache)
+        if attend:
+            return kernels.decode_step_attention(*args, batch.block_tables, batch.seq_lens, self.n_heads, eps, qk_norm)
+        return kernels.new_token(*args, self.n_heads, eps, qk_norm)
 
     def qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
         """q_norm on the query heads and k_norm on the key heads of qk [batch, tokens, n_heads + n_kv_heads, head_dim]."""

@@ -30,19 +30,34 @@ def test_new_token_kernel_matches_the_model(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [BLOCK_SIZE, 12])
-def test_decode_attention_over_contexts_of_any_length(block_size, dtype):
-    """Rows of 600 slots (past the old kernel's 512), 1, two full blocks, 45 and 0 (a padding row: zeros), in one
-    launch, their blocks shuffled over a pool whose every slot outside the contexts is NaN: each row sees exactly its
-    own slots. Block size 12: the kernel's 64-slot tiles gather from blocks of any size."""
+def test_decode_step_attention_over_contexts_of_any_length(block_size, dtype):
+    """decode_step_attention (the new token's writes, then attention) for rows of 600 slots (past the old kernel's
+    512), 1, two full blocks, 45 and 0 (a padding row: zeros), in one launch, their blocks shuffled over a pool whose
+    every slot outside the contexts is NaN, and so is each row's last slot until the kernel writes its new key and
+    value there: each row sees exactly its own slots, the new one included. Block size 12: the kernel's 64-slot tiles
+    gather from blocks of any size. (No q/k norms and no rotation here: the kernel's attention alone.)"""
     cfg = attention_config("qwen3-group5")
+    heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     lengths = [600, 1, 2 * block_size, 45, 0]
     k_cache, v_cache, tables, contexts = scattered_pool(cfg, lengths, block_size, dtype)
-    q = torch.randn(len(lengths), cfg.num_attention_heads, 1, cfg.head_dim, dtype=dtype)
-    out = gpu.decode_attention(q, k_cache, v_cache, tables, torch.tensor(lengths, dtype=torch.int32))
+    rows = len(lengths)
+    slots = [int(tables[r, (n - 1) // block_size]) * block_size + (n - 1) % block_size if n else 0 for r, n in enumerate(lengths)]
+    new = torch.zeros(2, rows, kv_heads, dim, dtype=dtype)  # each row's new key and value (zeros for padding)
+    for r, slot in enumerate(slots[:-1]):
+        for cache, values in zip((k_cache, v_cache), new):
+            values[r] = cache[slot // block_size, :, slot % block_size]
+            cache[slot // block_size, :, slot % block_size] = float("nan")
+    q = torch.randn(rows, heads, dim, dtype=dtype)
+    qkv = torch.cat([q.flatten(1), new[0].flatten(1), new[1].flatten(1)], dim=1)[:, None]
+    cos, sin = torch.ones(rows, 1, 1, dim // 2, dtype=dtype), torch.zeros(rows, 1, 1, dim // 2, dtype=dtype)
+    out = gpu.decode_step_attention(
+        qkv, qkv, qkv, cos, sin, torch.tensor(slots), k_cache, v_cache, tables, torch.tensor(lengths, dtype=torch.int32),
+        heads, 0.0, False,
+    )  # fmt: skip
     assert torch.isfinite(out).all() and torch.equal(out[-1], torch.zeros_like(out[-1]))
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.02)
     for row, (keys, values) in enumerate(contexts[:-1]):
-        expected = torch.nn.functional.scaled_dot_product_attention(q[row : row + 1].double(), keys, values, enable_gqa=True)
+        expected = F.scaled_dot_product_attention(q[row][None, :, None].double(), keys, values, enable_gqa=True)
         torch.testing.assert_close(out[row : row + 1].double(), expected, **tolerance)
 
 

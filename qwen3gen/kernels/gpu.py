@@ -4,15 +4,15 @@ attention over the paged pool for steps with prefill chunks.
 A decode step reads every weight once, but at batch 1 on a GPU each kernel also costs a microsecond or more of
 fixed time, and torch.compile makes about eleven kernels of each layer: norm statistics before each of the two
 first products, q/k norm statistics, norm and rotation, two cache writes, attention and four products. Here one
-layer is six (four products, the new token's q/k/v, its attention):
+layer is five (four products, and the new token's q/k/v with its attention):
 - `matvec`: a matrix-vector product with what surrounds it inside: the RMSNorm before it (its statistics summed
   alongside the product, so no kernel of their own), SwiGLU before the down product, the residual add after
   o_proj and down, int8 weights with a scale per row. It loads its first weights before waiting for the kernel
   before it (programmatic dependent launch), as weights never change.
-- `new_token`: q/k norm, rotation and the cache writes of each row's new token, one program per (row, key/value
-  head), writing to the row's pool slot.
-- `decode_attention`: attention of each row's new token over its context in the paged pool, of any length, one
-  program per (row, key/value head), its query heads padded to 16 rows for tensor-core products.
+- `decode_step_attention`: q/k norm, rotation and the cache writes of each row's new token, then its attention over
+  its context in the paged pool, of any length, one program per (row, key/value head), its query heads padded to 16
+  rows for tensor-core products.
+- `new_token`: the first half of that alone, for steps with prefill chunks (a program per token).
 - `paged_attention`: causal attention of a step's new tokens of any mix (whole prompts, chunks after a cached
   context, decodes) over the pool, no padding, one program per (tile of a request's tokens, key/value head); the
   step's other work stays PyTorch's (new_token writes its keys and values, a program per token).
@@ -22,7 +22,7 @@ context slot j lies in block block_tables[row, j // block_size] at offset j % bl
 read the slots, block tables and context lengths from device memory and their grids and constexprs depend only on
 shapes, so one launch (one CUDA graph per batch size) serves every length as contexts grow.
 
-All are torch custom ops (new_token mutating the cache buffers), so torch.compile and CUDA graphs see one
+All are torch custom ops (new_token and decode_step_attention mutating the cache buffers), so torch.compile and CUDA graphs see one
 opaque call each. The model uses them only on CUDA; the tests run the same kernels on CPU tensors through Triton's
 interpreter (TRITON_INTERPRET=1) and compare them with the model's PyTorch lines.
 """
@@ -158,31 +158,26 @@ if triton is not None:
         return acc, new_best, total * rescale + tl.sum(weights, axis=1)
 
     @triton.jit
-    def _decode_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
+    def _attend_row(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, row, kv_head,
         cache_block_stride, cache_head_stride, cache_slot_stride, table_row_stride, scale,
         HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """One program per (row, key/value head): its query heads (padded to ROWS >= 16 rows for tl.dot) attend over
-        the row's first seq_lens[row] slots, all visible, TILE slots a step (online softmax). Each step gathers the
-        pool block of each of its slots from the row's block table, so a tile spans several pool blocks, or part of
-        one: the tile keeps the width the tensor cores want whatever the block size (any, a power of two or not),
-        and the slots of one block still lie side by side in memory. UPCAST: the products' operands in float32
-        (Triton 3.9's interpreter gets tl.dot wrong on bf16). A row of length 0 (padding) gets zeros."""
-        row = tl.program_id(0)
-        kv_head = tl.program_id(1)
+        """A row's query heads of one key/value head (padded to ROWS >= 16 rows for tl.dot) attend over the row's
+        first seq_lens[row] slots, all visible, TILE slots a step (online softmax). Each step gathers the pool block
+        of each of its slots from the row's block table, so a tile spans several pool blocks, or part of one: the
+        tile keeps the width the tensor cores want whatever the block size (any, a power of two or not), and the
+        slots of one block still lie side by side in memory. UPCAST: the products' operands in float32 (Triton
+        3.9's interpreter gets tl.dot wrong on bf16). A row of length 0 (padding) gets zeros. PDL: let the next
+        kernel launch before the output is stored."""
         dtype = out_ptr.dtype.element_ty
-        # Read before gdc_wait: the host writes them before the step, and new_token, the kernel before this one,
-        # writes neither and lets this one start only after waiting for the kernels before it.
         length = tl.load(seq_lens_ptr + row)
         table = block_tables_ptr + row.to(tl.int64) * table_row_stride
         members = tl.arange(0, ROWS)
         real = members < GROUP
         dims = tl.arange(0, DIM)
         heads = (row * HEADS + kv_head * GROUP + members)[:, None] * DIM + dims[None, :]
-        if PDL:
-            tl.extra.cuda.gdc_wait()
         q = tl.load(q_ptr + heads, mask=real[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
@@ -266,13 +261,25 @@ if triton is not None:
         HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HALF: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """One program per (row, key/value head): that key head and its query heads normed and rotated, the key
-        and value written to the row's pool slot (block slots[row] // BLOCK_SIZE, offset slots[row] % BLOCK_SIZE),
-        the query heads to q [rows, heads, 1, head_dim]."""
+        """One program per (row, key/value head): _write_new_token."""
         if PDL:  # launched while the q/k/v product finishes; its output is read from here on
             tl.extra.cuda.gdc_wait()
-        row = tl.program_id(0)
-        kv_head = tl.program_id(1)
+        _write_new_token(
+            qkv_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_ptr, v_cache_ptr, q_ptr,
+            tl.program_id(0), tl.program_id(1), qkv_row_stride, rope_row_stride, cache_block_stride, cache_head_stride,
+            cache_slot_stride, eps, HEADS, GROUP, GROUP_P2, HALF, BLOCK_SIZE, QK_NORM, PDL,
+        )  # fmt: skip
+
+    @triton.jit
+    def _write_new_token(
+        qkv_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_ptr, v_cache_ptr, q_ptr, row, kv_head,
+        qkv_row_stride, rope_row_stride, cache_block_stride, cache_head_stride, cache_slot_stride, eps,
+        HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HALF: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """A row's key head and its query heads normed and rotated, the key and value written to the row's pool slot
+        (block slots[row] // BLOCK_SIZE, offset slots[row] % BLOCK_SIZE), the query heads to q [rows, heads, 1,
+        head_dim]. PDL: let the next kernel launch before the stores."""
         dtype = k_cache_ptr.dtype.element_ty
         dim = 2 * HALF
         slot = tl.load(slots_ptr + row).to(tl.int64)
@@ -305,6 +312,34 @@ if triton is not None:
         q = q_ptr + (row * HEADS + kv_head * GROUP + members)[:, None] * dim + half[None, :]
         tl.store(q, q_first.to(dtype), mask=real[:, None])
         tl.store(q + HALF, q_second.to(dtype), mask=real[:, None])
+
+    @triton.jit
+    def _decode_step_attention_kernel(
+        qkv_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+        seq_lens_ptr, out_ptr, qkv_row_stride, rope_row_stride, cache_block_stride, cache_head_stride,
+        cache_slot_stride, table_row_stride, eps, scale,
+        HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, ROWS: tl.constexpr, HALF: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, QK_NORM: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """new_token then a decode step's attention in one program per (row, key/value head), a kernel a layer fewer:
+        the query heads go to out (where the attention's output goes later), the key and value to the pool, and after a
+        barrier (the program's own stores seen by all its threads) the row's heads attend as _attend_row."""
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        _write_new_token(
+            qkv_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_ptr, v_cache_ptr, out_ptr, row,
+            kv_head, qkv_row_stride, rope_row_stride, cache_block_stride, cache_head_stride, cache_slot_stride, eps,
+            HEADS, GROUP, GROUP_P2, HALF, BLOCK_SIZE, QK_NORM, False,
+        )  # fmt: skip
+        tl.debug_barrier()
+        _attend_row(
+            out_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, row, kv_head,
+            cache_block_stride, cache_head_stride, cache_slot_stride, table_row_stride, scale, HEADS, GROUP, ROWS,
+            2 * HALF, BLOCK_SIZE, TILE, PRECISION, UPCAST, PDL,
+        )  # fmt: skip
 
 
 @torch.library.custom_op("qwen3gen::new_token", mutates_args=("k_cache", "v_cache"))
@@ -343,34 +378,36 @@ def _(qkv, q_weight, k_weight, cos, sin, slots, k_cache, v_cache, heads, eps, qk
     return qkv.new_empty(qkv.shape[0], heads, 1, k_cache.shape[-1])
 
 
-@torch.library.custom_op("qwen3gen::decode_attention", mutates_args=())
-def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor
-) -> torch.Tensor:
-    """Attention of one new token per row, q [rows, heads, 1, head_dim], over the row's first seq_lens[row] slots
-    (its new one included, already written) of the pool [num_blocks, kv_heads, block_size, head_dim], found through
-    block_tables [rows, max_blocks] (int32), all visible: what SDPA computes, in one kernel that takes part in
-    dependent launch (SDPA's does not, and each such kernel leaves a gap on both sides). Any length: the kernel reads
-    seq_lens from device memory, and neither its grid nor its constexprs depend on them, so one launch (a CUDA graph)
-    serves every length. The keys of one row are not split over programs (no flash-decoding), so long contexts at a
-    small batch keep few SMs busy: rows x kv_heads programs."""
-    rows, heads, _, dim = q.shape
-    kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+@torch.library.custom_op("qwen3gen::decode_step_attention", mutates_args=("k_cache", "v_cache"))
+def decode_step_attention(
+    qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, heads: int, eps: float, qk_norm: bool,
+) -> torch.Tensor:  # fmt: skip
+    """new_token's arguments, and the rows' block tables [rows, max_blocks] (int32) and context lengths seq_lens [rows]
+    (their new slots included): attention of one new token per row over its first seq_lens[row] slots, all visible, in
+    one kernel with the new keys' and values' writes (new_token's), [rows, heads, 1, head_dim]: what SDPA computes
+    over the pool. Any length: the kernel reads seq_lens from device memory, and neither its grid nor its constexprs
+    depend on them, so one launch (a CUDA graph) serves every length. The keys of one row are not split over programs
+    (no flash-decoding), so long contexts at a small batch keep few SMs busy: rows x kv_heads programs."""
+    rows = qkv.shape[0]
+    _, kv_heads, block_size, dim = k_cache.shape
     group = heads // kv_heads
-    out = torch.empty_like(q)
-    _decode_attention_kernel[(rows, kv_heads)](
-        q, k_cache, v_cache, block_tables, seq_lens, out,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), dim**-0.5,
-        HEADS=heads, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK_SIZE=block_size,
-        TILE=64, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=q.device.type != "cuda",
-        num_warps=4, **dependent_launch(q.device),
+    out = qkv.new_empty(rows, heads, 1, dim)
+    _decode_step_attention_kernel[(rows, kv_heads)](
+        qkv, q_weight, k_weight, cos, sin, slots, k_cache, v_cache, block_tables, seq_lens, out,
+        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        eps, dim**-0.5, HEADS=heads, GROUP=group, GROUP_P2=triton.next_power_of_2(group),
+        ROWS=max(16, triton.next_power_of_2(group)), HALF=dim // 2, BLOCK_SIZE=block_size, TILE=64, QK_NORM=qk_norm,
+        PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", UPCAST=qkv.device.type != "cuda", num_warps=4,
+        **dependent_launch(qkv.device),
     )  # fmt: skip
     return out
 
 
-@decode_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, seq_lens):  # noqa: ANN001, ANN202
-    return torch.empty_like(q)
+@decode_step_attention.register_fake
+def _(qkv, q_weight, k_weight, cos, sin, slots, k_cache, v_cache, block_tables, seq_lens, heads, eps, qk_norm):  # noqa: ANN001, ANN202
+    return qkv.new_empty(qkv.shape[0], heads, 1, k_cache.shape[-1])
 
 
 QUERY_ROWS = 64  # rows of a paged_attention program: query tokens times the query heads of one key/value head
