@@ -1,6 +1,8 @@
 """The CPU decode step's kernels (kernels/cpu.c, built by kernels/cpu.py) against the model's own PyTorch lines and the
 paged attention's reference, and the 2 MiB-page weight block."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -315,6 +317,23 @@ def test_every_block_in_one_call_equals_the_blocks_one_by_one(variant, positions
     with torch.no_grad():
         model(torch.tensor([5] * len(positions)), torch.tensor(positions), decode_requests(cpu, [(k.clone(), v.clone()) for k, v in pool], positions))
     assert calls == [1]
+
+
+@requires_kernel
+def test_every_block_in_one_call_refuses_slots_and_lengths_outside_the_pool():
+    """A slot past the pool leaves every layer's pool as it was; a length past a row's blocks is refused too."""
+    model = random_weights("qwen3")
+    cfg = model.config
+    pool = torch.randn(len(model.layers), 2, 12, cfg.num_key_value_heads, BLOCK, cfg.head_dim)
+    x = torch.randn(1, 1, cfg.hidden_size)
+    rope = rotary_angles(torch.tensor([[10]]), cfg.head_dim, cfg.rope_theta, torch.float32)
+    caches = [(k.clone(), v.clone()) for k, v in pool]
+    batch = decode_requests(cpu, caches, [10])
+    with pytest.raises(IndexError, match="slots"):
+        cpu.decode_blocks(model.layers, x, rope, replace(batch, slots=torch.tensor([12 * BLOCK])))
+    assert all(torch.equal(ours, theirs) for cache, before in zip(caches, pool) for ours, theirs in zip(cache, before))
+    with pytest.raises(IndexError, match="lengths"):
+        cpu.decode_blocks(model.layers, x, rope, replace(batch, seq_lens=torch.tensor([4 * BLOCK + 1], dtype=torch.int32)))
 
 
 @requires_kernel

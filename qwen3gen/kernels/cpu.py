@@ -465,13 +465,24 @@ def decode_attention(
         _index_pointer(block_tables, torch.int32), block_tables.stride(0), max_blocks, _index_pointer(seq_lens, torch.int32),
         out.data_ptr(), rows, heads, dim, dim**-0.5, torch.get_num_threads(),
     )  # fmt: skip
-    if status == -1:
-        raise MemoryError("the CPU attention kernel could not allocate its score buffer")
-    if status == -2:
-        raise IndexError(f"decode_attention: lengths {seq_lens.tolist()} outside [1, {max_blocks} blocks x {block_size}]")
-    if status == -3:
-        raise IndexError(f"decode_attention: a block id outside the pool's {num_blocks} blocks in the used part of {block_tables.tolist()}")
+    _check_status(status, "decode_attention", seq_lens, block_tables, num_blocks, block_size)
     return out
+
+
+def _check_status(
+    status: int, name: str, seq_lens: torch.Tensor, tables: torch.Tensor, num_blocks: int, block_size: int,
+    slots: torch.Tensor | None = None,
+) -> None:  # fmt: skip
+    """The error a C attention call's status stands for (0: none): -1 no memory, -2 a length, -3 a block id, -4 a
+    slot outside the pool (each found before anything is read or written)."""
+    if status == -1:
+        raise MemoryError(f"{name}: the CPU kernels could not allocate their buffers")
+    if status == -2:
+        raise IndexError(f"{name}: lengths {seq_lens.tolist()} outside [1, {tables.shape[1]} blocks x {block_size}]")
+    if status == -3:
+        raise IndexError(f"{name}: a block id outside the pool's {num_blocks} blocks in the used part of {tables.tolist()}")
+    if status == -4:
+        raise IndexError(f"{name}: slots {slots.tolist()} outside the pool's {num_blocks} x {block_size} slots")
 
 
 @decode_attention.register_fake
@@ -507,14 +518,7 @@ def decode_blocks(blocks: nn.ModuleList, x: torch.Tensor, rope: tuple[torch.Tens
     status = _library()[0].qwen3gen_decode_layers(
         out.data_ptr(), TYPES[x.dtype], layers.array, len(blocks), ctypes.byref(step), torch.get_num_threads()
     )  # fmt: skip
-    if status == -1:
-        raise MemoryError("the CPU kernels could not allocate their buffers")
-    if status == -2:
-        raise IndexError(f"decode_blocks: lengths {seq_lens.tolist()} outside [1, {tables.shape[1]} blocks x {block_size}]")
-    if status == -3:
-        raise IndexError(f"decode_blocks: a block id outside the pool's {num_blocks} blocks in the used part of {tables.tolist()}")
-    if status == -4:
-        raise IndexError(f"decode_blocks: slots {slots.tolist()} outside the pool's {num_blocks} x {block_size} slots")
+    _check_status(status, "decode_blocks", seq_lens, tables, num_blocks, block_size, slots)
     return out
 
 
