@@ -20,7 +20,7 @@ class ScriptedLLM:
         replies = iter([llm.tokenizer.encode(reply) + [IM_END] for reply in self.replies])
         reply = iter(())
 
-        def sample(requests: list, logits: torch.Tensor) -> Sampled:
+        def sample(requests: list, logits: torch.Tensor, greedy: torch.Tensor | None = None) -> Sampled:
             nonlocal reply
             tokens = []
             for _ in requests:

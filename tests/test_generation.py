@@ -187,7 +187,7 @@ def scripted(token_ids):
     """Replace the sampler's choice by a fixed reply, to test the chat path on a known output."""
     reply = iter(token_ids)
 
-    def sample(requests, logits):
+    def sample(requests, logits, greedy=None):  # noqa: ANN001, ANN202
         return Sampled.of(torch.tensor([next(reply) for _ in requests]), [], [], [])
 
     return sample
