@@ -199,25 +199,30 @@ class HostTables:
 
 class StepInputs:
     """A recorded step's inputs in one device buffer, copied in one piece a step: int64 parts of the given sizes, then
-    the block tables [rows, width] (int32). Each step fills one of two host buffers in turn, in pinned memory (a copy
-    from pageable memory, or of part of a buffer, may wait for the step in flight, and the copy from the one buffer
-    may still be queued behind it when the other is filled); the tables are kept from step to step (HostTables)."""
+    the block tables [rows, width] (int32) stored column by column, so that the columns the step's tables reach are
+    one run after the int64 parts: a step copies that prefix, not every row's whole width (the width a request of the
+    model's whole context would need; most of it unused, and copied at every step). Each step fills one of two host
+    buffers in turn, in pinned memory (a copy from pageable memory may wait for the step in flight, and the copy from
+    the one buffer may still be queued behind it when the other is filled); the tables are kept from step to step
+    (HostTables). Columns past the prefix keep stale ids on the device, which no row reads: a row reads only the
+    blocks of its own context."""
 
     def __init__(self, sizes: dict[str, int], rows: int, width: int, device: torch.device) -> None:
         self.sizes, self.rows, self.width = sizes, rows, width
-        words = sum(sizes.values()) + -(-rows * width // 2)
+        self.fields = sum(sizes.values())
+        words = self.fields + -(-rows * width // 2)
         self.buffer = torch.zeros(words, dtype=torch.long, device=device)
         self.parts = self.split(self.buffer)
         self.hosts = [torch.zeros(words, dtype=torch.long, pin_memory=device.type == "cuda") for _ in range(2)]
         self.host_parts = [self.split(host) for host in self.hosts]
         self.host_tables = [HostTables(parts["tables"]) for parts in self.host_parts]
-        self.turn = 0
+        self.turn, self.used = 0, 0
 
     def split(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-        fields = sum(self.sizes.values())
-        parts = dict(zip(self.sizes, buffer[:fields].split(list(self.sizes.values()))))
-        parts["fields"] = buffer[:fields]
-        parts["tables"] = buffer[fields:].view(torch.int32)[: self.rows * self.width].view(self.rows, self.width)
+        parts = dict(zip(self.sizes, buffer[: self.fields].split(list(self.sizes.values()))))
+        parts["fields"] = buffer[: self.fields]
+        columns = buffer[self.fields :].view(torch.int32)[: self.rows * self.width].view(self.width, self.rows)
+        parts["tables"] = columns.t()  # [rows, width], strides (1, rows)
         return parts
 
     def fill(self, requests: list[Request]) -> dict[str, torch.Tensor]:
@@ -226,10 +231,12 @@ class StepInputs:
         parts = self.host_parts[self.turn]
         parts["fields"].zero_()
         self.host_tables[self.turn].update(requests)
+        self.used = max(1, max((len(r.block_table) for r in requests), default=1))  # the columns the step reads
         return parts
 
     def copy(self) -> None:
-        self.buffer.copy_(self.hosts[self.turn], non_blocking=True)
+        words = self.fields + -(-self.used * self.rows // 2)
+        self.buffer[:words].copy_(self.hosts[self.turn][:words], non_blocking=True)
         self.turn ^= 1
 
 

@@ -135,13 +135,13 @@ if triton is not None:
 
     @triton.jit
     def _attend_slots(
-        q, acc, best, total, k_cache_ptr, v_cache_ptr, table, head, slots, stored, visible, scale,
+        q, acc, best, total, k_cache_ptr, v_cache_ptr, table, table_col_stride, head, slots, stored, visible, scale,
         cache_block_stride, cache_slot_stride, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
     ):  # fmt: skip
         """One step of online softmax: the rows of q attend to the pool slots `slots` of the table's blocks (those
         `stored` loaded, the scores `visible` [rows, slots] kept); returns acc, best, total updated."""
-        blocks = tl.load(table + slots // BLOCK_SIZE, mask=stored, other=0).to(tl.int64)
+        blocks = tl.load(table + (slots // BLOCK_SIZE) * table_col_stride, mask=stored, other=0).to(tl.int64)
         cache = head + (blocks * cache_block_stride + (slots % BLOCK_SIZE) * cache_slot_stride)[:, None]
         k = tl.load(k_cache_ptr + cache, mask=stored[:, None], other=0.0)
         if UPCAST:
@@ -160,7 +160,7 @@ if triton is not None:
     @triton.jit
     def _attend_row(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, row, kv_head,
-        cache_block_stride, cache_head_stride, cache_slot_stride, table_row_stride, scale,
+        cache_block_stride, cache_head_stride, cache_slot_stride, table_row_stride, table_col_stride, scale,
         HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
@@ -190,7 +190,8 @@ if triton is not None:
             slots = start + offsets
             stored = slots < length  # every tile holds a visible slot: the sums stay finite
             acc, best, total = _attend_slots(
-                q, acc, best, total, k_cache_ptr, v_cache_ptr, table, head, slots, stored, stored[None, :], scale,
+                q, acc, best, total, k_cache_ptr, v_cache_ptr, table, table_col_stride, head, slots, stored,
+                stored[None, :], scale,
                 cache_block_stride, cache_slot_stride, BLOCK_SIZE, PRECISION, UPCAST,
             )  # fmt: skip
         if PDL:
@@ -201,7 +202,7 @@ if triton is not None:
     @triton.jit
     def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_starts_ptr, seq_lens_ptr, tiles_ptr, out_ptr,
-        num_tiles, cache_block_stride, cache_head_stride, cache_slot_stride, table_row_stride, scale,
+        num_tiles, cache_block_stride, cache_head_stride, cache_slot_stride, table_row_stride, table_col_stride, scale,
         HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, QUERIES: tl.constexpr, ROWS: tl.constexpr,
         DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
@@ -248,7 +249,8 @@ if triton is not None:
             # leaves its sums as they were.
             visible = stored[None, :] & (slots[None, :] <= position[:, None])
             acc, best, total = _attend_slots(
-                q, acc, best, total, k_cache_ptr, v_cache_ptr, table, head, slots, stored, visible, scale,
+                q, acc, best, total, k_cache_ptr, v_cache_ptr, table, table_col_stride, head, slots, stored, visible,
+                scale,
                 cache_block_stride, cache_slot_stride, BLOCK_SIZE, PRECISION, UPCAST,
             )  # fmt: skip
         out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
@@ -317,7 +319,7 @@ if triton is not None:
     def _decode_step_attention_kernel(
         qkv_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
         seq_lens_ptr, out_ptr, qkv_row_stride, rope_row_stride, cache_block_stride, cache_head_stride,
-        cache_slot_stride, table_row_stride, eps, scale,
+        cache_slot_stride, table_row_stride, table_col_stride, eps, scale,
         HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, ROWS: tl.constexpr, HALF: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, QK_NORM: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, PDL: tl.constexpr,
@@ -337,8 +339,8 @@ if triton is not None:
         tl.debug_barrier()
         _attend_row(
             out_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, row, kv_head,
-            cache_block_stride, cache_head_stride, cache_slot_stride, table_row_stride, scale, HEADS, GROUP, ROWS,
-            2 * HALF, BLOCK_SIZE, TILE, PRECISION, UPCAST, PDL,
+            cache_block_stride, cache_head_stride, cache_slot_stride, table_row_stride, table_col_stride, scale, HEADS,
+            GROUP, ROWS, 2 * HALF, BLOCK_SIZE, TILE, PRECISION, UPCAST, PDL,
         )  # fmt: skip
 
 
@@ -396,7 +398,7 @@ def decode_step_attention(
     out = qkv.new_empty(rows, heads, 1, dim)
     _decode_step_attention_kernel[(rows, kv_heads)](
         qkv, q_weight, k_weight, cos, sin, slots, k_cache, v_cache, block_tables, seq_lens, out,
-        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *block_tables.stride(),
         eps, dim**-0.5, HEADS=heads, GROUP=group, GROUP_P2=triton.next_power_of_2(group),
         ROWS=max(16, triton.next_power_of_2(group)), HALF=dim // 2, BLOCK_SIZE=block_size, TILE=64, QK_NORM=qk_norm,
         PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", UPCAST=qkv.device.type != "cuda", num_warps=4,
@@ -454,7 +456,7 @@ def paged_attention(
             continue
         _paged_attention_kernel[(num_tiles, kv_heads)](
             q, k_cache, v_cache, block_tables, query_starts, seq_lens, work, out,
-            num_tiles, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), dim**-0.5,
+            num_tiles, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *block_tables.stride(), dim**-0.5,
             HEADS=heads, GROUP=heads // kv_heads, GROUP_P2=group, QUERIES=queries, ROWS=max(16, queries * group),
             DIM=dim, BLOCK_SIZE=block_size, TILE=64, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             UPCAST=q.device.type != "cuda", num_warps=4,
