@@ -9,10 +9,12 @@
 # no server packages: for "serve", `pip install --target .devdeps --python-version 3.12 --only-binary=:all:
 # --platform manylinux2014_x86_64 fastapi uvicorn prometheus-client httpx` here (excluded like .tok) and carry it too.
 # Each step has its own time limit and log file, so a slow step cannot take the others' results with it.
+# BASE=DIR (a folder holding an earlier commit's qwen3gen/, e.g. `mkdir .base && git archive REV qwen3gen | tar -x -C
+# .base`, excluded like .tok and carried): every bench row runs there too, after this tree's, on the same machine.
 # transformers' throughput row (minutes on this workload) is left to a call of its own.
 set -uo pipefail
 export PYTHONPATH="$PWD:$PWD/.devdeps" PYTHONUNBUFFERED=1
-tok="$1" out="$2"
+tok="$(realpath "$1")" out="$(realpath "$2")"
 shift 2
 engine=(check throughput batch64 batch1 ttft)
 serve=(serve-eager serve-compiled)
@@ -30,6 +32,11 @@ bench() {
     local log=$1 limit=$2; shift 2
     echo "\$ qwen3gen bench --device cuda --dtype bfloat16 $*" > "$out/$log.log"
     timeout "$limit" python3 -m qwen3gen.cli bench --device cuda --dtype bfloat16 "$@" >> "$out/$log.log" 2>&1
+    if [ -n "${BASE:-}" ]; then  # the same row from an earlier tree, in the same call: $log-base.log
+        echo "\$ [$BASE] qwen3gen bench --device cuda --dtype bfloat16 $*" > "$out/$log-base.log"
+        (cd "$BASE" && timeout "$limit" python3 -m qwen3gen.cli bench --device cuda --dtype bfloat16 "$@") \
+            >> "$out/$log-base.log" 2>&1  # python3 -m puts $BASE first on the path: its qwen3gen is the one imported
+    fi
 }
 for step in "${steps[@]}"; do
     case $step in
