@@ -173,8 +173,7 @@ def token_slots(tables: torch.Tensor, which: torch.Tensor, positions: torch.Tens
 class HostTables:
     """A recorded step's block tables on the host, kept from step to step: a row is written only where it changed (a
     new request in the row: all of its table; a table that grew: the new entries), where building every table again
-    costs the host time per block at every step. A row past the step's requests has block 0 (the scratch block) first.
-    """
+    costs the host time per block at every step. A row past the step's requests has block 0 (the scratch block) first."""
 
     def __init__(self, tables: torch.Tensor) -> None:
         self.tables = tables  # [rows, width] int32, zeros
