@@ -243,22 +243,6 @@ def run_bench(
     if tensor_parallel_size > 1 and quantization:
         raise InvalidParameterError("tensor parallelism runs unquantized weights: leave out --quantize.")
     model, checkpoint_dir = load_bench_model(model_name, preset_name, dev, dt)
-    with tempfile.TemporaryDirectory() as scratch:
-        shard_dir = None
-        if tensor_parallel_size > 1:
-            shard_dir = Path(checkpoint_dir) if checkpoint_dir else write_checkpoint(model, Path(scratch))
-        return bench_rows(
-            model, checkpoint_dir, preset_name, dev, dt, prompt_tokens, new_tokens, batch, reps, quantization, engines,
-            on_row, tensor_parallel_size, shard_dir,
-        )  # fmt: skip
-
-
-def bench_rows(
-    model: Qwen3, checkpoint_dir: str | None, preset_name: str, dev: torch.device, dt: torch.dtype, prompt_tokens: int,
-    new_tokens: int, batch: int, reps: int, quantization: str | None, engines: tuple[str, ...],
-    on_row: Callable[[dict, BenchRow], None] | None, tensor_parallel_size: int, shard_dir: Path | None,
-) -> tuple[dict, list[BenchRow]]:  # fmt: skip
-    """run_bench's rows, on its model (and, for tensor-parallel rows, the checkpoint folder its ranks read)."""
     cfg = model.config
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 151643, (batch, prompt_tokens), generator=generator).tolist()
@@ -302,46 +286,50 @@ def bench_rows(
         runs.append((name, 1))
         if tensor_parallel_size > 1 and name.startswith("qwen3gen"):
             runs.append((name, tensor_parallel_size))
-    for name, size in runs:
-        reset_peak_memory(dev)
-        engine = None
-        if name.startswith("qwen3gen"):
-            compiled = name.endswith("compiled")
-            if size == 1:
-                engine = Engine(model, compile=compiled, **engine_options)
+    with tempfile.TemporaryDirectory() as scratch:  # the ranks read their shards from files
+        shard_dir = None
+        if tensor_parallel_size > 1:
+            shard_dir = Path(checkpoint_dir) if checkpoint_dir else write_checkpoint(model, Path(scratch))
+        for name, size in runs:
+            reset_peak_memory(dev)
+            engine = None
+            if name.startswith("qwen3gen"):
+                compiled = name.endswith("compiled")
+                if size == 1:
+                    engine = Engine(model, compile=compiled, **engine_options)
+                else:
+                    weights, leader, _ = load_shard(shard_dir, dev, dt, size)
+                    engine = Engine(weights, compile=compiled, parallel=leader, **engine_options)
+                run = qwen3gen_run(engine, prompts, new_tokens)
             else:
-                weights, leader, _ = load_shard(shard_dir, dev, dt, size)
-                engine = Engine(weights, compile=compiled, parallel=leader, **engine_options)
-            run = qwen3gen_run(engine, prompts, new_tokens)
-        else:
-            run = transformers_run(hf, prompts, new_tokens, static=name.endswith("static"))
-        try:
-            warmup, ttft, decode_s, tokens = median_run(run, reps)
-        finally:
-            if engine is not None:
-                engine.close()  # the other ranks, if any
-        steps_per_s = (new_tokens - 1) / decode_s
-        reference = reference or tokens
-        same = next((i for i, (a, b) in enumerate(zip(tokens[:32], reference[:32])) if a != b), min(32, len(tokens)))
-        label = f"{name} ({quantization})" if quantization and name.startswith("qwen3gen") else name
-        label += f" tp={size}" if size > 1 else ""
-        rows.append(BenchRow(
-            engine=label,
-            time_to_first_token_ms=ttft * 1e3,
-            decode_tokens_per_s=steps_per_s * batch,
-            vs_transformers=None,
-            bandwidth_gb_s=steps_per_s * (step_bytes if name.startswith("qwen3gen") else unquantized_bytes) / 1e9,
-            bandwidth_share=0.0,
-            peak_memory_mib=peak_memory(dev)[0] / 2**20,
-            warmup_s=warmup,
-            same_tokens=same,
-        ))
-        row = rows[-1]
-        baseline = row.decode_tokens_per_s if name == "transformers" else baseline
-        row.vs_transformers = row.decode_tokens_per_s / baseline if baseline else None
-        row.bandwidth_share = row.bandwidth_gb_s * 1e9 / bandwidth
-        if on_row:
-            on_row(setup, row)
+                run = transformers_run(hf, prompts, new_tokens, static=name.endswith("static"))
+            try:
+                warmup, ttft, decode_s, tokens = median_run(run, reps)
+            finally:
+                if engine is not None:
+                    engine.close()  # the other ranks, if any
+            steps_per_s = (new_tokens - 1) / decode_s
+            reference = reference or tokens
+            same = next((i for i, (a, b) in enumerate(zip(tokens[:32], reference[:32])) if a != b), min(32, len(tokens)))
+            label = f"{name} ({quantization})" if quantization and name.startswith("qwen3gen") else name
+            label += f" tp={size}" if size > 1 else ""
+            rows.append(BenchRow(
+                engine=label,
+                time_to_first_token_ms=ttft * 1e3,
+                decode_tokens_per_s=steps_per_s * batch,
+                vs_transformers=None,
+                bandwidth_gb_s=steps_per_s * (step_bytes if name.startswith("qwen3gen") else unquantized_bytes) / 1e9,
+                bandwidth_share=0.0,
+                peak_memory_mib=peak_memory(dev)[0] / 2**20,
+                warmup_s=warmup,
+                same_tokens=same,
+            ))
+            row = rows[-1]
+            baseline = row.decode_tokens_per_s if name == "transformers" else baseline
+            row.vs_transformers = row.decode_tokens_per_s / baseline if baseline else None
+            row.bandwidth_share = row.bandwidth_gb_s * 1e9 / bandwidth
+            if on_row:
+                on_row(setup, row)
     return setup, rows
 
 

@@ -236,8 +236,7 @@ def run_bench_command(args: argparse.Namespace) -> None:
     )
 
     counts = ("prompt_tokens", "new_tokens", "batch", "reps", "requests", "concurrency", "max_batched_tokens", "prefill_tokens")
-    counts += ("tensor_parallel_size",)
-    counts += ("min_prompt_tokens", "max_prompt_tokens", "min_output_tokens", "max_output_tokens")
+    counts += ("tensor_parallel_size", "min_prompt_tokens", "max_prompt_tokens", "min_output_tokens", "max_output_tokens")
     for name in counts:
         value = getattr(args, name)
         if value is not None and value < 1:

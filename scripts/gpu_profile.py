@@ -90,20 +90,15 @@ def main(device: str = "cuda", compiled: bool = False) -> None:
         engine.step()
 
 
-def busy_share(prof: profile) -> tuple[float, float]:
-    """(seconds the GPU ran something, seconds from the first to the last GPU event) in a profiled window."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
-    busy, end = 0.0, float("-inf")
-    for start, stop in spans:
-        busy += max(0.0, stop - max(start, end))
-        end = max(end, stop)
-    return busy / 1e6, (spans[-1][1] - spans[0][0]) / 1e6 if spans else 0.0
+def gpu_spans(prof: profile) -> list[tuple[float, float, str]]:
+    """(start, end, name) of every kernel or copy of a profiled window, in µs, in order of start."""
+    return sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type.name == "CUDA")
 
 
 def idle_before(prof: profile) -> list[tuple[str, tuple[int, float]]]:
     """The GPU's idle seconds before each kernel or copy, summed by its name: which work the GPU waited for (inside a
     graph, a launch gap; outside one, the host)."""
-    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type.name == "CUDA")
+    spans = gpu_spans(prof)
     idle: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
     end = spans[0][1] if spans else 0
     for start, stop, name in spans[1:]:
@@ -112,6 +107,15 @@ def idle_before(prof: profile) -> list[tuple[str, tuple[int, float]]]:
         entry[1] += max(0.0, start - end) / 1e6
         end = max(end, stop)
     return sorted(((k, (v[0], v[1])) for k, v in idle.items()), key=lambda kv: -kv[1][1])
+
+
+def busy_share(prof: profile) -> tuple[float, float]:
+    """(seconds the GPU ran something, seconds from the first to the last GPU event) in a profiled window."""
+    spans = gpu_spans(prof)
+    if not spans:
+        return 0.0, 0.0
+    span = (max(stop for _, stop, _ in spans) - spans[0][0]) / 1e6
+    return span - sum(idle for _, (_, idle) in idle_before(prof)), span
 
 
 def batch_one(device: str = "cuda") -> None:
