@@ -104,6 +104,7 @@ class PagedBatch:
     tiles: torch.Tensor | None = None
     singles: torch.Tensor | None = None
     host_lens: tuple[list[int], list[int]] | None = None
+    rope_table: torch.Tensor | None = None  # model.rotary_table, where the step looks its angles up (recorded steps)
 
     @classmethod
     def of(

@@ -72,6 +72,14 @@ def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float, dtype: t
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def rotary_table(cfg: Qwen3Config, positions: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """rotary_angles of positions 0 to positions - 1 as one table [positions, 2 (cos, sin), 1, head_dim / 2], for the
+    steps that look them up by position (PagedBatch.rope_table): one gather where computing them is ten small kernels,
+    the same values (each position's angles do not depend on the others')."""
+    cos, sin = rotary_angles(torch.arange(positions, device=device)[None], cfg.head_dim, cfg.rope_theta, dtype)
+    return torch.stack((cos[0], sin[0]), dim=1)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each head's (first half, second half) pairs by the position's angles."""
     first, second = x.chunk(2, dim=-1)
@@ -160,8 +168,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope, batch: PagedBatch | None) -> torch.Tensor:
         if batch is not None and batch.kernels is not None and x.shape[1] <= batch.kernels.MATVEC_ROWS:
             return self.decode_one_token(x, rope, batch)
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        kernels = None if batch is None else batch.kernels
+        x = x + self.self_attn(normed(kernels, self.input_layernorm, x), rope, batch)
+        return x + self.mlp(normed(kernels, self.post_attention_layernorm, x))
 
     def decode_one_token(self, x: torch.Tensor, rope: Rope, batch: PagedBatch) -> torch.Tensor:
         """forward for the new tokens of a decode step of up to kernels.MATVEC_ROWS requests as four products, each
@@ -173,6 +182,14 @@ class Block(nn.Module):
         x = fused_linear(kernels, attn.attend(qkv, rope, batch), attn.o_proj, residual=x)
         gate_up = fused_linear(kernels, x, mlp.gate_up_proj, norm=self.post_attention_layernorm)
         return fused_linear(kernels, gate_up, mlp.down_proj, residual=x, swiglu=True)
+
+
+def normed(kernels: ModuleType | None, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x), as one kernel where the step's kernels have one (rms_norm) and torch.compile is not fusing the
+    norm's PyTorch lines with their neighbours itself."""
+    if kernels is None or not hasattr(kernels, "rms_norm") or torch.compiler.is_compiling():
+        return norm(x)
+    return kernels.rms_norm(x, norm.weight, norm.eps)
 
 
 def fused_linear(
@@ -236,7 +253,11 @@ class Qwen3(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
         else:
             x, positions = x[None], positions[None]  # the step as one row of tokens
-        rope = rotary_angles(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if batch is not None and batch.rope_table is not None:
+            angles = batch.rope_table[positions]  # [1, tokens, 2, 1, head_dim / 2]
+            rope = angles[:, :, 0], angles[:, :, 1]
+        else:
+            rope = rotary_angles(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         x = self.blocks(x, rope, batch)
         if batch is None:
             return self.logits(x, None)
@@ -261,5 +282,5 @@ class Qwen3(nn.Module):
         kernels = None if batch is None else batch.head_kernels
         if kernels is not None and kernels.FUSED_HEAD and x.dim() == 2 and 0 < x.shape[0] <= kernels.MATVEC_ROWS:
             return fused_linear(kernels, x[None], head, norm=self.norm)[0]  # [rows, hidden] as [1, rows, hidden]
-        x = self.norm(x)
+        x = normed(kernels, self.norm, x)
         return F.linear(x, head.weight) if self.lm_head is None else self.lm_head(x)

@@ -40,7 +40,7 @@ bench() {
 }
 for step in "${steps[@]}"; do
     case $step in
-        check) timeout 130 python3 scripts/gpu_check.py "$tok" > "$out/check.log" 2>&1 ;;
+        check) timeout 170 python3 scripts/gpu_check.py "$tok" > "$out/check.log" 2>&1 ;;
         throughput) bench bench-throughput 190 --throughput --engines qwen3gen,qwen3gen-compiled ;;
         batch64) bench bench-batch64 140 --prompt-tokens 32 --new-tokens 256 --batch 64 --reps 3 \
             --engines transformers,qwen3gen,qwen3gen-compiled ;;

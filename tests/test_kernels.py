@@ -16,6 +16,10 @@ from qwen3gen.attention import AttentionBackend, PagedBatch
 from qwen3gen.kernels import gpu
 from qwen3gen.model import rotary_angles
 
+# A recorded step's padding tokens attend no one, so their rows carry whatever the attention's output buffer held;
+# the interpreter's numpy warns where the norm squares such a row (rows no one reads).
+PADDING_ROWS = pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered in multiply:RuntimeWarning")
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", ["qwen3", "qwen3-group5", "qwen2"])
@@ -148,6 +152,32 @@ def test_matvec_matches_pytorch(case, dtype):
     torch.testing.assert_close(out.float(), expected.float(), **tolerance)
 
 
+@pytest.mark.parametrize(("dtype", "weight_dtype"), [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)])
+def test_rms_norm_kernel_matches_the_model(dtype, weight_dtype):
+    """gpu.rms_norm equals model.rms_norm over rows of 96 (a padded, masked block of 128), any leading shape, and a
+    strided input; a float32 weight on bf16 rows gives float32, as PyTorch's promotion does."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 96, dtype=dtype) * 3
+    weight = torch.randn(96, dtype=weight_dtype)
+    for rows in (x, x[:, ::2], x[:1, :1]):
+        expected = qwen3gen.model.rms_norm(rows, weight, 1e-6)
+        out = gpu.rms_norm(rows, weight, 1e-6)
+        assert out.dtype == expected.dtype and out.shape == expected.shape
+        # Triton's interpreter rounds to bf16 by truncation: two roundings, up to two steps of bf16 apart.
+        tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-6)
+        torch.testing.assert_close(out, expected, **tolerance)
+
+
+def test_rotary_table_holds_the_computed_angles():
+    """The recorded steps' table lookup gives exactly what rotary_angles computes for the same positions."""
+    cfg = qwen3gen.preset("0.6B")
+    table = qwen3gen.model.rotary_table(cfg, 4096, torch.device("cpu"), torch.bfloat16)
+    positions = torch.tensor([[0, 1, 17, 1000, 4095, 3]])
+    cos, sin = rotary_angles(positions, cfg.head_dim, cfg.rope_theta, torch.bfloat16)
+    looked_up = table[positions]
+    assert torch.equal(looked_up[:, :, 0], cos) and torch.equal(looked_up[:, :, 1], sin)
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_block_decodes_one_token_with_the_kernels(quantized):
     """Block.decode_one_token (norms, SwiGLU and residual adds inside the products, new_token and decode_attention
@@ -183,6 +213,7 @@ def test_block_decodes_one_token_with_the_kernels(quantized):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
+@PADDING_ROWS
 def test_the_cuda_engine_path_on_cpu(tiny_llm, monkeypatch):
     """The engine's CUDA path on CPU tensors (Triton's interpreter; runner.RecordedStep runs each recorded step again
     in place of a graph replay), overlapped steps included: prompts chunked under a 40-token budget beside decodes,
@@ -226,6 +257,7 @@ def test_the_cuda_engine_path_on_cpu(tiny_llm, monkeypatch):
     assert engine.blocks.num_free == free
 
 
+@PADDING_ROWS
 def test_warm_up_records_every_step_graph(tiny_llm, monkeypatch):
     """Engine.warm_up records the graph of every decode batch size and prefill token count (largest first, as they
     share one memory pool), and steps after it replay them: the same greedy tokens as the reference engine."""
@@ -243,6 +275,7 @@ def test_warm_up_records_every_step_graph(tiny_llm, monkeypatch):
     assert tokens == expected
 
 
+@PADDING_ROWS
 def test_decode_graphs_feed_sampled_and_penalised_tokens(tiny_llm, monkeypatch):
     """A decode graph leaves its greedy tokens in the buffer the next step reads; rows that draw change them there,
     and a batch with penalised rows takes its greedy tokens again from the changed logits: greedy and seeded sampled

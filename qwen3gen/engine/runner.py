@@ -13,6 +13,7 @@ graph of a new size costs a replay of the compiled code, not a compilation.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import AttentionBackend, PagedBatch, to_device
-from ..model import Qwen3
+from ..model import Qwen3, rotary_table
 from .kv_pool import KVPool
 from .request import Request
 
@@ -77,6 +78,13 @@ class ModelRunner:
         self.tile_queries = 0  # tokens per paged_attention program, where the kernels attend prefill chunks
         if backend.kernels is not None and backend.kernels.PAGED_PREFILL:
             self.tile_queries = backend.kernels.tile_queries(cfg.num_attention_heads, cfg.num_key_value_heads)
+
+    @functools.cached_property
+    def rope_table(self) -> torch.Tensor:
+        """The rotary angles of every position, which the recorded steps look up rather than compute at each replay;
+        made when the first is recorded."""
+        cfg = self.model.config
+        return rotary_table(cfg, cfg.max_position_embeddings, self.device, self.dtype)
 
     def batch(self, slots: torch.Tensor, query_lens: list[int], seq_lens: list[int], tables: torch.Tensor) -> PagedBatch:
         return PagedBatch.of(
@@ -157,7 +165,7 @@ class ModelRunner:
 def feed_pending(ids: torch.Tensor, fed: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """The step's token ids, each whose entry in fed is a row (not -1) taken from tokens[row]: the tokens sampled by
     the step in flight, still on the device."""
-    return torch.where(fed >= 0, tokens[fed.clamp(min=0)], ids)
+    return torch.where(fed >= 0, tokens[fed], ids)  # (-1 reads tokens' last entry, unused)
 
 
 def block_tables(requests: list[Request], width: int) -> torch.Tensor:
@@ -289,7 +297,7 @@ class DecodeGraph:
         starts = torch.arange(size + 1, device=device)
         self.batch = PagedBatch(
             runner.backend, runner.pool.caches, parts["slots"], parts["seq_lens"], starts, parts["tables"],
-            decode=True, dtype=runner.dtype,
+            decode=True, dtype=runner.dtype, rope_table=runner.rope_table,
         )  # fmt: skip
         self.forward, self.feed, self.size = runner.decode_model, runner.feed, size
         held = self.feed.clone()  # recording runs the step once: the pending tokens it overwrites stay
@@ -299,7 +307,7 @@ class DecodeGraph:
     def step(self) -> torch.Tensor:
         parts = self.inputs.parts
         logits = self.forward(feed_pending(parts["ids"], parts["fed"], self.feed), parts["positions"], self.batch)
-        self.feed[: self.size].copy_(logits.max(dim=-1).indices)  # argmax's first maximum, as the sampler takes
+        torch.argmax(logits, dim=-1, out=self.feed[: self.size])  # the first maximum, as the sampler takes
         return logits
 
     def replay(self, requests: list[Request], tokens: list[int], fed: list[int], starts: list[int]) -> torch.Tensor:
@@ -330,6 +338,7 @@ class PrefillGraph:
         self.batch = PagedBatch(
             runner.backend, runner.pool.caches, parts["slots"], parts["seq_lens"], parts["starts"], parts["tables"],
             decode=False, dtype=runner.dtype, tiles=parts["tiles"].view(2, -1), singles=parts["singles"],
+            rope_table=runner.rope_table,
         )  # fmt: skip
         self.model, self.feed = runner.model, runner.feed
         self.recorded = RecordedStep(self.step, device, runner.graph_pool)

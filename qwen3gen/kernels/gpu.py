@@ -109,6 +109,20 @@ if triton is not None:
             out = out.to(dtype).to(tl.float32) + tl.load(residual_ptr + rows, mask=live, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, out.to(dtype), mask=live)
 
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, x_row_stride, eps, K: tl.constexpr, BLOCK: tl.constexpr):
+        """A row's RMSNorm, a program per row, computed as model.rms_norm computes it: the statistics in float32,
+        the normed row rounded to the input's dtype, then times the weight, rounded to the output's."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < K
+        x = tl.load(x_ptr + row * x_row_stride + cols, mask=ok, other=0.0)
+        x32 = x.to(tl.float32)
+        scale = tl.rsqrt(tl.sum(x32 * x32, axis=0) * (1.0 / K) + eps)
+        weight = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        out = weight * (x32 * scale).to(x.dtype).to(tl.float32)
+        tl.store(out_ptr + row * K + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
+
     # (rows, columns per step, warps) tried once per matrix shape not in MATVEC_PINNED; triton.autotune times them with
     # the L2 cache flushed, as the model reads each weight from memory.
     MATVEC_SETTINGS = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4), (4, 256, 2), (16, 256, 4)]
@@ -410,6 +424,26 @@ def decode_step_attention(
 @decode_step_attention.register_fake
 def _(qkv, q_weight, k_weight, cos, sin, slots, k_cache, v_cache, block_tables, seq_lens, heads, eps, qk_norm):  # noqa: ANN001, ANN202
     return qkv.new_empty(qkv.shape[0], heads, 1, k_cache.shape[-1])
+
+
+@torch.library.custom_op("qwen3gen::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.rms_norm(x, weight, eps) over x's last axis (any leading shape) in one kernel, where its PyTorch lines
+    are eight small ones: an eager step's norms outside the products, and the final norm before the output head."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if rows.shape[0]:
+        block = triton.next_power_of_2(k)
+        _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), eps, K=k, BLOCK=block, num_warps=4)
+    return out
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):  # noqa: ANN001, ANN202
+    return torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
 
 
 QUERY_ROWS = 64  # rows of a paged_attention program: query tokens times the query heads of one key/value head
