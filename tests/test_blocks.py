@@ -97,10 +97,11 @@ def test_block_matvec_equals_dequantize_then_pytorch(isa, qtype, dtype, case, ro
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_16_bit_decode_product_is_the_exact_product_rounded(isa, qtype, dtype):
-    """One 16-bit input row (bf16 on AVX-512: multiplied in integers, make_words): each output is within its rounding to the
-    output's type of the float64 product of the dequantized weights and the input, plus what make_words' rounding
-    can cost, each value off by at most 2^-16 of its group's largest (a block, or a K superblock). The input spans 2^12
-    within its groups, so that some of its values do lose bits."""
+    """One 16-bit input row (bf16 on AVX-512: multiplied in integers, make_words, or make_bytes for Q4_K and Q5_K):
+    each output is within its rounding to the output's type of the float64 product of the dequantized weights and the
+    input, plus what the integers' rounding can cost, each value off by at most 2^-16 (make_bytes: 2^-15) of its
+    group's largest (a block, or a K superblock). The input spans 2^12 within its groups, so that some of its values
+    do lose bits."""
     torch.manual_seed(0)
     group = 256 if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 32
     n, k = 256, 512 if group == 256 else 544  # 17 blocks: the last of an odd count alone
@@ -110,10 +111,12 @@ def test_a_16_bit_decode_product_is_the_exact_product_rounded(isa, qtype, dtype)
     out = cpu.block_matvec(x, [raw], [int(qtype)], k, None, None, 0.0, None, False).double()
     exact = F.linear(x.double(), weight)
     largest = x.double().abs().view(k // group, group).amax(1).repeat_interleave(group)
-    words = F.linear(largest, weight.abs()) * 2**-16
+    as_bytes = isa != "avx2" and dtype == torch.bfloat16 and qtype in (Q.Q4_K, Q.Q5_K)
+    words = F.linear(largest, weight.abs()) * 2.0 ** (-15 if as_bytes else -16)
     bound = words + (exact.abs() + words) * torch.finfo(dtype).eps + 1e-6 * F.linear(x.double().abs(), weight.abs())
     assert ((out - exact).abs() <= bound).all()
-    assert (out == exact.to(dtype).double()).float().mean() > 0.9  # most are the exact product, rounded
+    # Most are the exact product, rounded (fewer through make_bytes, whose integers keep a bit less).
+    assert (out == exact.to(dtype).double()).float().mean() > (0.85 if as_bytes else 0.9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

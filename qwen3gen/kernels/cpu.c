@@ -475,9 +475,9 @@ static float dot_blocks(const uint8_t *w, int type, long k, const float *in, con
 #ifdef __AVX512BW__
 /* With AVX-512, a bf16 model's single input row is multiplied in integers (Q8_0 aside): each group of its values (a
    block's 32, a K superblock's 256) becomes 16-bit integers times one power of two per group (make_words), the
-   blocks' levels become 16-bit integers (times the K formats' integer sub-block scales, which fit beside them), and
-   each 32 products are one multiply-add of 16-bit pairs into 32-bit sums (VNNI's vpdpwssd; madd and add without it),
-   exact. Per group the sum is then scaled in float. A bf16 value keeps all its bits where it is within 2^7 of its
+   blocks' levels become 16-bit integers (times Q6_K's integer sub-block scales, which fit beside them), and each 32
+   products are one multiply-add of 16-bit pairs into 32-bit sums (VNNI's vpdpwssd; madd and add without it), exact
+   (Q4_K and Q5_K take bytes instead: make_bytes). Per group the sum is then scaled in float. A bf16 value keeps all its bits where it is within 2^7 of its
    group's largest; any other is off by at most 2^-16 of that largest, far below the rounding of the bf16 result. The
    formats' minimums and offsets multiply the same integer input's sums, so the result is the dequantized weights'
    product with that input, to float rounding. */
@@ -589,52 +589,12 @@ static inline __m128i scale_min_bytes(const uint8_t *p) {
     u[0] &= 0x3f3f3f3f;                                                       /* scales 0-3 */
     return _mm_loadu_si128((const __m128i *)u);
 }
-/* A K superblock's start: each sub-block's scale as a 32-bit pair of 16-bit words (pairs[8], read back from memory
-   as broadcasts), and dmin times the minimums times the input's sums over each 32 added to lows. */
-static inline void k_start(const uint8_t *w, const float *sums, int32_t *pairs, __m256 *lows) {
-    __m512i bytes = _mm512_cvtepu8_epi32(scale_min_bytes(w + 4));
-    _mm512_storeu_si512(pairs, _mm512_or_si512(bytes, _mm512_slli_epi32(bytes, 16)));
-    __asm__ volatile("" ::: "memory"); /* a broadcast from memory is a load; one from a register is a shuffle */
-    __m256 mins = _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(bytes, 1));
-    *lows = _mm256_fmadd_ps(_mm256_set1_ps(half_at(w + 2)), _mm256_mul_ps(mins, _mm256_loadu_ps(sums)), *lows);
-}
-static inline __m512i scaled(__m512i levels, int32_t pair) { return _mm512_mullo_epi16(levels, _mm512_set1_epi32(pair)); }
 static inline __m512 k_finish(__m512i a[4], const uint8_t *w, float group_scale, __m512 acc) {
     __m512i sum = _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
     return _mm512_fmadd_ps(_mm512_set1_ps(half_scale(w, group_scale)), _mm512_cvtepi32_ps(sum), acc);
 }
-/* Each product below is at most 15 (31 for Q5_K, 32 for Q6_K) times 63 (128) times 2^15, each 32-bit lane of a
-   superblock's sums adds 16 of them: below 2^31. */
-/* Q4_K (fifth 0) and Q5_K (fifth 1: after the scales, 32 bytes whose bit s is sub-block s's fifth bits). */
-static inline __attribute__((always_inline)) float dotw_k(const uint8_t *w, const int16_t *in, const float *scales,
-                                                          const float *sums, long k, const int fifth) {
-    const long size = fifth ? 176 : 144, at = fifth ? 48 : 16;
-    __m512 acc = _mm512_setzero_ps();
-    __m256 lows = _mm256_setzero_ps();
-    for (long b = 0; b < k / 256; b++, w += size, in += 256, sums += 8) {
-        prefetch(w, (int)size);
-        int32_t pair[16];
-        k_start(w, sums, pair, &lows);
-        __m512i qh = fifth ? words_u(w + 16) : _mm512_setzero_si512(), a[4];
-        for (int c = 0; c < 4; c++) { /* each 32 bytes of qs: sub-block 2c's low nibbles, 2c + 1's high ones */
-            __m512i q = words_u(w + at + 32 * c), lo = _mm512_and_si512(q, set16(15)), hi = _mm512_srli_epi16(q, 4);
-            if (fifth) {
-                lo = _mm512_mask_add_epi16(lo, _mm512_test_epi16_mask(qh, set16(1 << (2 * c))), lo, set16(16));
-                hi = _mm512_mask_add_epi16(hi, _mm512_test_epi16_mask(qh, set16(2 << (2 * c))), hi, set16(16));
-            }
-            a[c] = dot_pairs(_mm512_setzero_si512(), scaled(lo, pair[2 * c]), words_in(in + 64 * c));
-            a[c] = dot_pairs(a[c], scaled(hi, pair[2 * c + 1]), words_in(in + 64 * c + 32));
-        }
-        acc = k_finish(a, w, scales[b], acc);
-    }
-    return _mm512_reduce_add_ps(acc) - sum8(lows);
-}
-static float dotw_q4_k(const uint8_t *w, const int16_t *in, const float *scales, const float *sums, long k) {
-    return dotw_k(w, in, scales, sums, k, 0);
-}
-static float dotw_q5_k(const uint8_t *w, const int16_t *in, const float *scales, const float *sums, long k) {
-    return dotw_k(w, in, scales, sums, k, 1);
-}
+/* Each product below is at most 32 times 128 times 2^15, each 32-bit lane of a superblock's sums adds 16 of them:
+   below 2^31. */
 static float dotw_q6_k(const uint8_t *w, const int16_t *in, const float *scales, const float *sums, long k) {
     __m512 acc = _mm512_setzero_ps();
     (void)sums;
@@ -663,12 +623,94 @@ static float dotw_q6_k(const uint8_t *w, const int16_t *in, const float *scales,
     return _mm512_reduce_add_ps(acc);
 }
 
+/* Q4_K goes through bytes instead: each 64 of its levels (bytes 0-15) multiply 64 input bytes in one vpdpbusd (VNNI;
+   two multiply-adds without it), four products to a 32-bit lane, where the words above take a scaling multiply and a
+   multiply-add for 32.
+   The input becomes integers below 2^14 times a power of two per superblock (a bf16 value keeps all its bits where it
+   is within 2^6 of its superblock's largest), each split into two signed bytes, x = 256 high + low (low in [-128,
+   128)), so that a lane's products with high and with low are each one vpdpbusd, and 256 times the first plus the
+   second is the exact sum. Each lane holds four weights of one sub-block: its sum times the sub-block's integer scale
+   (one 32-bit multiply per 64 weights) stays below 2^28 over a superblock. The bytes of each superblock are stored
+   in the order the levels come: sub-blocks 0, 2, 1, 3, 4, 6, 5, 7 (each 64 bytes of qs hold two sub-blocks' low
+   nibbles, then the next two's high ones). */
+static inline __m512i dot_quads(__m512i acc, __m512i levels, __m512i bytes) { /* unsigned levels, signed bytes */
+#ifdef __AVX512VNNI__
+    return _mm512_dpbusd_epi32(acc, levels, bytes);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(levels, bytes), set16(1))); /* pairs: < 2^12 */
+#endif
+}
+static const int SUB_BLOCK_ORDER[8] = {0, 2, 1, 3, 4, 6, 5, 7};
+/* in [k] floats -> high and low bytes [k] each (in SUB_BLOCK_ORDER), scales [k / 256] and sums [k / 32] (each 32
+   values' integer sum times the scale, in the input's order). */
+static void make_bytes(const float *in, long k, int8_t *high, int8_t *low, float *scales, float *sums) {
+    for (long g = 0; g < k / 256; g++) {
+        const float *v = in + g * 256;
+        __m512 largest = _mm512_setzero_ps();
+        for (int i = 0; i < 256; i += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_loadu_ps(v + i)));
+        float top = _mm512_reduce_max_ps(largest);
+        int e = 0;
+        frexpf(top, &e); /* top = m 2^e, m in [0.5, 1): top 2^(14 - e) < 2^14 */
+        e = e < -100 ? -100 : e;
+        __m512 up = _mm512_set1_ps(isfinite(top) ? ldexpf(1.0f, 14 - e) : top);
+        scales[g] = isfinite(top) ? ldexpf(1.0f, e - 14) : top;
+        for (int s = 0; s < 8; s++) {
+            __m512i total = _mm512_setzero_si512();
+            for (int i = 0; i < 32; i += 16) {
+                __m512i x = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + 32 * s + i), up)); /* ties even */
+                __m512i h = _mm512_srai_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(128)), 8);
+                long at = g * 256 + 32 * SUB_BLOCK_ORDER[s] + i;
+                _mm_storeu_si128((__m128i *)(high + at), _mm512_cvtepi32_epi8(h));
+                _mm_storeu_si128((__m128i *)(low + at), _mm512_cvtepi32_epi8(_mm512_sub_epi32(x, _mm512_slli_epi32(h, 8))));
+                total = _mm512_add_epi32(total, x);
+            }
+            sums[g * 8 + s] = (float)_mm512_reduce_add_epi32(total) * scales[g];
+        }
+    }
+}
+/* Q4_K (fifth 0) and Q5_K (fifth 1: after the scales, 32 bytes whose bit s is sub-block s's fifth bits). */
+static inline __attribute__((always_inline)) float dotb_k(const uint8_t *w, const int8_t *high, const int8_t *low,
+                                                          const float *scales, const float *sums, long k, const int fifth) {
+    const long size = fifth ? 176 : 144, at = fifth ? 48 : 16;
+    __m512 acc = _mm512_setzero_ps();
+    __m256 lows = _mm256_setzero_ps();
+    const __m512i halves = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0), fifteen = _mm512_set1_epi8(15);
+    for (long b = 0; b < k / 256; b++, w += size, high += 256, low += 256, sums += 8) {
+        prefetch(w, (int)size);
+        __m512i bytes = _mm512_cvtepu8_epi32(scale_min_bytes(w + 4)); /* lanes 0-7 the scales, 8-15 the minimums */
+        __m256 mins = _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(bytes, 1));
+        lows = _mm256_fmadd_ps(_mm256_set1_ps(half_at(w + 2)), _mm256_mul_ps(mins, _mm256_loadu_ps(sums)), lows);
+        __m512i qh = fifth ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + 16))) : _mm512_setzero_si512();
+        __m512i total = _mm512_setzero_si512();
+        for (int j = 0; j < 2; j++) { /* 64 bytes of qs: sub-blocks 4j and 4j + 2 low, 4j + 1 and 4j + 3 high */
+            __m512i q = _mm512_loadu_si512(w + at + 64 * j);
+            __m512i levels[2] = {_mm512_and_si512(q, fifteen), _mm512_and_si512(_mm512_srli_epi16(q, 4), fifteen)};
+            for (int n = 0; n < 2; n++) {
+                if (fifth) { /* sub-block 4j + n's fifth bits in the first 32 bytes, 4j + n + 2's in the next */
+                    __m512i bit = _mm512_mask_blend_epi64(0xF0, _mm512_set1_epi8((char)(1 << (4 * j + n))),
+                                                          _mm512_set1_epi8((char)(1 << (4 * j + n + 2))));
+                    levels[n] = _mm512_mask_add_epi8(levels[n], _mm512_test_epi8_mask(qh, bit), levels[n], _mm512_set1_epi8(16));
+                }
+                const int8_t *h = high + 128 * j + 64 * n, *l = low + 128 * j + 64 * n;
+                __m512i part = dot_quads(_mm512_setzero_si512(), levels[n], _mm512_loadu_si512(h));
+                part = dot_quads(_mm512_slli_epi32(part, 8), levels[n], _mm512_loadu_si512(l));
+                __m512i scale = _mm512_permutexvar_epi32(_mm512_add_epi32(halves, _mm512_set1_epi32(4 * j + n)), bytes);
+                total = _mm512_add_epi32(total, _mm512_mullo_epi32(part, scale));
+            }
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(half_scale(w, scales[b])), _mm512_cvtepi32_ps(total), acc);
+    }
+    return _mm512_reduce_add_ps(acc) - sum8(lows);
+}
+static float dotb_blocks(const uint8_t *w, int type, long k, const int8_t *high, const int8_t *low, const float *scales,
+                         const float *sums) {
+    return type == Q4_K ? dotb_k(w, high, low, scales, sums, k, 0) : dotb_k(w, high, low, scales, sums, k, 1);
+}
+
 static float dotw_blocks(const uint8_t *w, int type, long k, const int16_t *in, const float *scales, const float *sums) {
     switch (type) {
     case Q4_0: return dotw_q4_0(w, in, scales, sums, k);
     case Q5_0: return dotw_q5_0(w, in, scales, sums, k);
-    case Q4_K: return dotw_q4_k(w, in, scales, sums, k);
-    case Q5_K: return dotw_q5_k(w, in, scales, sums, k);
     default: return dotw_q6_k(w, in, scales, sums, k);
     }
 }
@@ -829,15 +871,18 @@ int qwen3gen_block_matvec(const void *x, int x_type, const uint8_t *const *parts
     int float_lines = rows == 1; /* a part goes through dot_blocks, which takes the input's sums over each 16 */
 #ifdef __AVX512BW__
     /* A bf16 model's decode step: make_words (fp16 keeps more bits), in two layouts, two blocks' paired (Q4_0, Q5_0)
-       and a superblock's 256 (the K formats). Q8_0 goes through the float lines: its bytes cost no decoding. */
+       and a superblock's 256 (Q6_K), and make_bytes (Q4_K, Q5_K). Q8_0 goes through the float lines: its bytes cost
+       no decoding. */
     int integer = rows == 1 && x_type == BF16;
     int16_t words[2][integer ? k : 1];
-    float word_scales[2][integer ? k / 32 : 1], word_sums[2][integer ? k / 32 : 1];
-    int layout[count], made[2] = {0, 0};
+    int8_t halves[2][integer ? k : 1]; /* make_bytes' high and low bytes */
+    float word_scales[3][integer ? k / 32 : 1], word_sums[3][integer ? k / 32 : 1];
+    int layout[count], made[3] = {0, 0, 0};
     float_lines = 0;
     for (int p = 0; p < count; p++) {
-        int l = layout[p] = !integer || types[p] == Q8_0 ? -1 : types[p] >= Q4_K;
-        if (l >= 0 && !made[l]++) make_words(in, k, l ? 256 : 32, !l, words[l], word_scales[l], word_sums[l]);
+        int l = layout[p] = !integer || types[p] == Q8_0 ? -1 : types[p] < Q4_K ? 0 : types[p] == Q6_K ? 1 : 2;
+        if (l == 2 && !made[2]++) make_bytes(in, k, halves[0], halves[1], word_scales[2], word_sums[2]);
+        if (l >= 0 && l < 2 && !made[l]++) make_words(in, k, l ? 256 : 32, !l, words[l], word_scales[l], word_sums[l]);
         float_lines |= l < 0 && rows == 1;
     }
 #endif
@@ -857,7 +902,8 @@ int qwen3gen_block_matvec(const void *x, int x_type, const uint8_t *const *parts
                 float v;
 #ifdef __AVX512BW__
                 int l = layout[p];
-                v = l >= 0 ? dotw_blocks(w, types[p], k, words[l], word_scales[l], word_sums[l]) : dot_blocks(w, types[p], k, in, sums);
+                v = l < 0 ? dot_blocks(w, types[p], k, in, sums) : l < 2 ? dotw_blocks(w, types[p], k, words[l], word_scales[l], word_sums[l])
+                                                                      : dotb_blocks(w, types[p], k, halves[0], halves[1], word_scales[2], word_sums[2]);
 #else
                 v = dot_blocks(w, types[p], k, in, sums);
 #endif
