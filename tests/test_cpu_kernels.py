@@ -125,17 +125,22 @@ def gathered_attention(q, k_cache, v_cache, tables, seq_lens):  # noqa: ANN001, 
 
 
 @requires_kernel
-def test_decode_attention_over_rows_of_very_different_lengths():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_over_rows_of_very_different_lengths(dtype):
     """Rows of 3001 slots (scores spread wide: softmax weights from 1 down to underflow), 1, exactly three blocks, and
     37, in one call over a NaN-poisoned pool through a strided block table: SDPA's numbers over each row's own
-    context, float32; nothing past a row's length, nor in another row's blocks, is read."""
+    context (bf16: the kernel's AVX-512 lines, against float32 SDPA on the same bf16 values); nothing past a row's
+    length, nor in another row's blocks, is read."""
     lengths, block_size = [3001, 1, 3 * 16, 37], 16
     k, v, tables, seq_lens = scattered_pool(lengths, kv_heads=8, dim=64, block_size=block_size)
     assert tables.stride(0) != tables.shape[1]
     q = torch.randn(len(lengths), 16, 1, 64) * 3
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     out = cpu.decode_attention(q, k, v, tables, seq_lens)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, gathered_attention(q, k, v, tables, seq_lens), atol=1e-5, rtol=1e-5)
+    expected = gathered_attention(q.float(), k.float(), v.float(), tables, seq_lens)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.02)
+    torch.testing.assert_close(out.float(), expected, **tolerance)
     for row in range(len(lengths)):  # each row alone, through its own table: the same numbers
         alone = cpu.decode_attention(q[row : row + 1], k, v, tables[row : row + 1], seq_lens[row : row + 1])
         torch.testing.assert_close(alone, out[row : row + 1], atol=0, rtol=0)
