@@ -125,12 +125,17 @@ def gathered_attention(q, k_cache, v_cache, tables, seq_lens):  # noqa: ANN001, 
 
 
 @requires_kernel
+@pytest.mark.parametrize("isa", list(cpu.ISAS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_over_rows_of_very_different_lengths(dtype):
+def test_decode_attention_over_rows_of_very_different_lengths(isa, dtype, monkeypatch):
     """Rows of 3001 slots (scores spread wide: softmax weights from 1 down to underflow), 1, exactly three blocks, and
     37, in one call over a NaN-poisoned pool through a strided block table: SDPA's numbers over each row's own
     context (bf16: the kernel's AVX-512 lines, against float32 SDPA on the same bf16 values); nothing past a row's
-    length, nor in another row's blocks, is read."""
+    length, nor in another row's blocks, is read. Each instruction set's library this CPU has (AVX-512's lines and
+    AVX2's)."""
+    if isa not in cpu.supported_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("QWEN3GEN_CPU_ISA", isa)
     lengths, block_size = [3001, 1, 3 * 16, 37], 16
     k, v, tables, seq_lens = scattered_pool(lengths, kv_heads=8, dim=64, block_size=block_size)
     assert tables.stride(0) != tables.shape[1]

@@ -1011,25 +1011,34 @@ int qwen3gen_new_token(const void *qkv, int type, long qkv_row_stride, const voi
 }
 
 #ifdef __AVX512F__
-/* A bf16 cache row read as 32-bit lanes of two values, even and odd: the even value is the lane shifted left by 16, the
-   odd one the lane with its low half cleared, two floats a lane for one load and one operation each, and no
-   shuffle. A query and a sum are held the same way, as the even and the odd values of each 32, so that attention's
-   products need no reordering until the end (bf16_split, bf16_join). */
-static inline __m512 bf16_even(__m512i lanes) { return _mm512_castsi512_ps(_mm512_slli_epi32(lanes, 16)); }
-static inline __m512 bf16_odd(__m512i lanes) { return _mm512_castsi512_ps(_mm512_and_si512(lanes, _mm512_set1_epi32((int)0xffff0000))); }
-static void bf16_split(const float *v, long dim, float *even, float *odd) {
-    for (long i = 0; i < dim / 2; i++) even[i] = v[2 * i], odd[i] = v[2 * i + 1];
+/* Each 32 values of a cache row as two vectors of 16 floats, a and b, read without a shuffle: a bf16 row's 32-bit lanes
+   hold two values each, a the lane shifted left by 16 (the even values), b the lane with its low half cleared (the
+   odd ones), one operation a vector; a float32 row's a and b are its first and last 16. Queries and sums are held
+   split the same way (split_row, join_row), so that attention's products need no reordering until the end. */
+static inline __attribute__((always_inline)) void row_halves(const char *row, long c, const int f32, __m512 *a, __m512 *b) {
+    if (f32) {
+        *a = _mm512_loadu_ps((const float *)row + 32 * c), *b = _mm512_loadu_ps((const float *)row + 32 * c + 16);
+        return;
+    }
+    __m512i lanes = _mm512_loadu_si512((const uint16_t *)row + 32 * c);
+    *a = _mm512_castsi512_ps(_mm512_slli_epi32(lanes, 16));
+    *b = _mm512_castsi512_ps(_mm512_and_si512(lanes, _mm512_set1_epi32((int)0xffff0000)));
 }
-static void bf16_join(const float *even, const float *odd, long dim, float *v) {
-    for (long i = 0; i < dim / 2; i++) v[2 * i] = even[i], v[2 * i + 1] = odd[i];
+static long split_index(long i, int f32, int second) { return f32 ? 32 * (i / 16) + 16 * second + i % 16 : 2 * i + second; }
+static void split_row(const float *v, long dim, int f32, float *a, float *b) {
+    for (long i = 0; i < dim / 2; i++) a[i] = v[split_index(i, f32, 0)], b[i] = v[split_index(i, f32, 1)];
+}
+static void join_row(const float *a, const float *b, long dim, int f32, float *v) {
+    for (long i = 0; i < dim / 2; i++) v[split_index(i, f32, 0)] = a[i], v[split_index(i, f32, 1)] = b[i];
 }
 /* For a pair of query heads (or one, the last of an odd group), each key's product with both from one read of it:
-   scores[p * padded + j] = scale * (query p . key j) for count keys of `chunks` x 32 bf16 values (row after row),
-   query p split at query + p * dim; four keys at a time, that many independent sums a head. */
-static inline __attribute__((always_inline)) void bf16_scores_of(const uint16_t *keys, long count, const float *query,
-                                                                 long padded, float scale, float *scores, const int pair,
-                                                                 const long chunks) {
-    const long dim = 32 * chunks, half = 16 * chunks;
+   scores[p * padded + j] = scale * (query p . key j) for count keys of `chunks` x 32 values (rows of size bytes a
+   value, one after another), query p split at query + p * dim; four keys at a time, that many independent sums a
+   head. */
+static inline __attribute__((always_inline)) void scores_of(const char *keys, long count, const float *query, long padded,
+                                                            float scale, float *scores, const int pair, const long chunks,
+                                                            const int f32) {
+    const long dim = 32 * chunks, half = 16 * chunks, row = dim * (f32 ? 4 : 2);
     for (long j = 0; j < count; j += 4) {
         const int n = count - j < 4 ? (int)(count - j) : 4;
         __m512 sum[2][4];
@@ -1037,11 +1046,11 @@ static inline __attribute__((always_inline)) void bf16_scores_of(const uint16_t 
             for (int u = 0; u < 4; u++) sum[p][u] = _mm512_setzero_ps();
         for (long c = 0; c < chunks; c++)
             for (int u = 0; u < n; u++) {
-                __m512i lanes = _mm512_loadu_si512(keys + (j + u) * dim + 32 * c);
-                __m512 even = bf16_even(lanes), odd = bf16_odd(lanes);
+                __m512 a, b;
+                row_halves(keys + (j + u) * row, c, f32, &a, &b);
                 for (int p = 0; p < pair; p++) {
                     const float *qp = query + p * dim + 16 * c;
-                    sum[p][u] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(qp + half), _mm512_fmadd_ps(even, _mm512_loadu_ps(qp), sum[p][u]));
+                    sum[p][u] = _mm512_fmadd_ps(b, _mm512_loadu_ps(qp + half), _mm512_fmadd_ps(a, _mm512_loadu_ps(qp), sum[p][u]));
                 }
             }
         for (int p = 0; p < pair; p++)
@@ -1050,52 +1059,56 @@ static inline __attribute__((always_inline)) void bf16_scores_of(const uint16_t 
 }
 /* For a pair of heads (or one): sum p (split at acc + p * dim) += weights[p * padded + j] * value j for count values;
    a value whose weights are all 0 is not read. */
-static inline __attribute__((always_inline)) void bf16_values_of(const uint16_t *values, long count, const float *weights,
-                                                                 long padded, float *acc, const int pair, const long chunks) {
-    const long dim = 32 * chunks, half = 16 * chunks;
-    __m512 e[2][8], o[2][8];
+static inline __attribute__((always_inline)) void values_of(const char *values, long count, const float *weights, long padded,
+                                                            float *acc, const int pair, const long chunks, const int f32) {
+    const long dim = 32 * chunks, half = 16 * chunks, row = dim * (f32 ? 4 : 2);
+    __m512 sa[2][8], sb[2][8];
     for (int p = 0; p < pair; p++)
-        for (long c = 0; c < chunks; c++) e[p][c] = _mm512_loadu_ps(acc + p * dim + 16 * c), o[p][c] = _mm512_loadu_ps(acc + p * dim + half + 16 * c);
+        for (long c = 0; c < chunks; c++) sa[p][c] = _mm512_loadu_ps(acc + p * dim + 16 * c), sb[p][c] = _mm512_loadu_ps(acc + p * dim + half + 16 * c);
     for (long j = 0; j < count; j++) {
         if (weights[j] == 0.0f && (pair == 1 || weights[padded + j] == 0.0f)) continue;
         __m512 w[2];
         for (int p = 0; p < pair; p++) w[p] = _mm512_set1_ps(weights[p * padded + j]);
         for (long c = 0; c < chunks; c++) {
-            __m512i lanes = _mm512_loadu_si512(values + j * dim + 32 * c);
-            __m512 even = bf16_even(lanes), odd = bf16_odd(lanes);
+            __m512 a, b;
+            row_halves(values + j * row, c, f32, &a, &b);
             for (int p = 0; p < pair; p++) {
-                e[p][c] = _mm512_fmadd_ps(even, w[p], e[p][c]);
-                o[p][c] = _mm512_fmadd_ps(odd, w[p], o[p][c]);
+                sa[p][c] = _mm512_fmadd_ps(a, w[p], sa[p][c]);
+                sb[p][c] = _mm512_fmadd_ps(b, w[p], sb[p][c]);
             }
         }
     }
     for (int p = 0; p < pair; p++)
-        for (long c = 0; c < chunks; c++) _mm512_storeu_ps(acc + p * dim + 16 * c, e[p][c]), _mm512_storeu_ps(acc + p * dim + half + 16 * c, o[p][c]);
+        for (long c = 0; c < chunks; c++) _mm512_storeu_ps(acc + p * dim + 16 * c, sa[p][c]), _mm512_storeu_ps(acc + p * dim + half + 16 * c, sb[p][c]);
 }
-/* A row's blocks lie anywhere in the pool, where no hardware prefetcher looks: the bf16 rows of key/value head h of a
-   block two ahead are asked for (into L2) while this one is multiplied. */
-static void prefetch_block(const void *cache, long block, long kv_heads, long h, long block_size, long dim) {
-    const char *start = (const char *)cache + (block * kv_heads + h) * block_size * dim * 2;
-    for (long line = 0; line < block_size * dim * 2; line += 64) _mm_prefetch(start + line, _MM_HINT_T1);
+/* A row's blocks lie anywhere in the pool, where no hardware prefetcher looks: the rows of key/value head h of a block
+   PREFETCHED ahead are asked for (into L2) while this one is multiplied. */
+static void prefetch_block(const void *cache, long block, long kv_heads, long h, long block_size, long row_bytes) {
+    const char *start = (const char *)cache + (block * kv_heads + h) * block_size * row_bytes;
+    for (long line = 0; line < block_size * row_bytes; line += 64) _mm_prefetch(start + line, _MM_HINT_T1);
 }
 #define PREFETCHED 2 /* blocks ahead */
-/* The two for dim = 32 chunks: 32, 64, 128 or 256 (BF16_ROWS), each with its loops' bounds known to the compiler. */
-#define BF16_ROWS(dim) ((dim) == 32 || (dim) == 64 || (dim) == 128 || (dim) == 256)
-#define BF16_CHUNKS(CALL) \
+/* The two for float32 and bf16 heads of dim = 32 chunks: 32, 64, 128 or 256 (SPLIT_ROWS), each with its loops' bounds
+   known to the compiler. */
+#define SPLIT_ROWS(dim) ((dim) == 32 || (dim) == 64 || (dim) == 128 || (dim) == 256)
+#define FOR_SHAPE(CALL, C) (f32 ? (pair == 2 ? CALL(2, C, 1) : CALL(1, C, 1)) : (pair == 2 ? CALL(2, C, 0) : CALL(1, C, 0)))
+#define BY_SHAPE(CALL) \
     switch (dim) { \
-    case 32: pair == 2 ? CALL(2, 1) : CALL(1, 1); break; \
-    case 64: pair == 2 ? CALL(2, 2) : CALL(1, 2); break; \
-    case 128: pair == 2 ? CALL(2, 4) : CALL(1, 4); break; \
-    default: pair == 2 ? CALL(2, 8) : CALL(1, 8); \
+    case 32: FOR_SHAPE(CALL, 1); break; \
+    case 64: FOR_SHAPE(CALL, 2); break; \
+    case 128: FOR_SHAPE(CALL, 4); break; \
+    default: FOR_SHAPE(CALL, 8); \
     }
-static void bf16_scores(const uint16_t *keys, long count, long dim, const float *query, long padded, int pair, float scale, float *scores) {
-#define SCORES(P, C) bf16_scores_of(keys, count, query, padded, scale, scores, P, C)
-    BF16_CHUNKS(SCORES)
+static void split_scores(const char *keys, long count, long dim, int f32, const float *query, long padded, int pair,
+                         float scale, float *scores) {
+#define SCORES(P, C, F) scores_of(keys, count, query, padded, scale, scores, P, C, F)
+    BY_SHAPE(SCORES)
 #undef SCORES
 }
-static void bf16_values(const uint16_t *values, long count, long dim, const float *weights, long padded, int pair, float *acc) {
-#define VALUES(P, C) bf16_values_of(values, count, weights, padded, acc, P, C)
-    BF16_CHUNKS(VALUES)
+static void split_values(const char *values, long count, long dim, int f32, const float *weights, long padded, int pair,
+                         float *acc) {
+#define VALUES(P, C, F) values_of(values, count, weights, padded, acc, P, C, F)
+    BY_SHAPE(VALUES)
 #undef VALUES
 }
 #endif
@@ -1106,9 +1119,9 @@ static void bf16_values(const uint16_t *values, long count, long dim, const floa
    One (row, key/value head) per task: its query heads share each key and value read, and it walks its blocks in
    order, each block's keys (and values) one contiguous run of block_size * dim. Scores are scaled and exponentiated
    in float; the weights are rounded to the activations' type before the product with the values and their sum
-   divides after, as in PyTorch's CPU attention. With AVX-512, bf16 heads of 32 to 256 values take bf16_scores and
-   bf16_values: the cache's rows decoded in place two values a lane, two query heads a pass, the blocks ahead
-   prefetched. The lengths and block ids are checked before anything is read.
+   divides after, as in PyTorch's CPU attention. With AVX-512, float32 and bf16 heads of 32 to 256 values take
+   split_scores and split_values: the cache's rows read as two vectors a 32 (row_halves), two query heads a pass,
+   the blocks ahead prefetched. The lengths and block ids are checked before anything is read.
    Returns 0, -1 when out of memory, -2 for a length outside [1, max_blocks * block_size], -3 for a block id outside
    [0, num_blocks). */
 int qwen3gen_decode_attention(const void *q, int type, const void *k_cache, const void *v_cache, long num_blocks,
@@ -1124,9 +1137,11 @@ int qwen3gen_decode_attention(const void *q, int type, const void *k_cache, cons
         }
     }
     long group = heads / kv_heads;
-    int failed = 0, split = 0; /* split: bf16 rows through bf16_scores and bf16_values (AVX-512) */
+    int failed = 0, split = 0; /* split: through split_scores and split_values (AVX-512) */
 #ifdef __AVX512F__
-    split = type == BF16 && BF16_ROWS(dim);
+    int f32 = type == F32;
+    long row_bytes = dim * (f32 ? 4 : 2);
+    split = (f32 || type == BF16) && SPLIT_ROWS(dim);
 #endif
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
     for (long task = 0; task < rows * kv_heads; task++) { /* dynamic: the rows' lengths differ, so do the tasks' costs */
@@ -1140,21 +1155,21 @@ int qwen3gen_decode_attention(const void *q, int type, const void *k_cache, cons
             continue;
         }
         float *scores = buffer, *query = scores + group * padded, *acc = query + group * dim, *row = acc + group * dim;
-        float *totals = row + dim, *query_split = totals + group, *acc_split = query_split + group * dim; /* bf16_split's */
+        float *totals = row + dim, *query_split = totals + group, *acc_split = query_split + group * dim; /* split_row's */
         for (long g = 0; g < group; g++)
             for (long i = 0; i < dim; i += 8) _mm256_storeu_ps(query + g * dim + i, load8(q, type, (b * heads + h * group + g) * dim + i, 8));
 #ifdef __AVX512F__
         for (long g = 0; split && g < group; g++)
-            bf16_split(query + g * dim, dim, query_split + g * dim, query_split + g * dim + dim / 2);
+            split_row(query + g * dim, dim, f32, query_split + g * dim, query_split + g * dim + dim / 2);
 #endif
         for (long t = 0; t < blocks; t++) {
             long first = t * block_size, count = keys - first < block_size ? keys - first : block_size;
             long base = ((long)table[t] * kv_heads + h) * block_size * dim; /* this block's keys for head h */
 #ifdef __AVX512F__
-            if (split && t + PREFETCHED < blocks) prefetch_block(k_cache, table[t + PREFETCHED], kv_heads, h, block_size, dim);
+            if (split && t + PREFETCHED < blocks) prefetch_block(k_cache, table[t + PREFETCHED], kv_heads, h, block_size, row_bytes);
             for (long g = 0; split && g < group; g += 2)
-                bf16_scores((const uint16_t *)k_cache + base, count, dim, query_split + g * dim, padded, group - g > 1 ? 2 : 1,
-                            scale, scores + g * padded + first);
+                split_scores((const char *)k_cache + base / dim * row_bytes, count, dim, f32, query_split + g * dim, padded,
+                             group - g > 1 ? 2 : 1, scale, scores + g * padded + first);
             if (split) continue;
 #endif
             for (long j = 0; j < count; j++) {
@@ -1179,12 +1194,12 @@ int qwen3gen_decode_attention(const void *q, int type, const void *k_cache, cons
         for (long t = 0; split && t < blocks; t++) {
             long first = t * block_size, count = keys - first < block_size ? keys - first : block_size;
             long base = ((long)table[t] * kv_heads + h) * block_size * dim;
-            if (t + PREFETCHED < blocks) prefetch_block(v_cache, table[t + PREFETCHED], kv_heads, h, block_size, dim);
+            if (t + PREFETCHED < blocks) prefetch_block(v_cache, table[t + PREFETCHED], kv_heads, h, block_size, row_bytes);
             for (long g = 0; g < group; g += 2)
-                bf16_values((const uint16_t *)v_cache + base, count, dim, scores + g * padded + first, padded,
-                            group - g > 1 ? 2 : 1, acc_split + g * dim);
+                split_values((const char *)v_cache + base / dim * row_bytes, count, dim, f32, scores + g * padded + first,
+                             padded, group - g > 1 ? 2 : 1, acc_split + g * dim);
         }
-        for (long g = 0; split && g < group; g++) bf16_join(acc_split + g * dim, acc_split + g * dim + dim / 2, dim, acc + g * dim);
+        for (long g = 0; split && g < group; g++) join_row(acc_split + g * dim, acc_split + g * dim + dim / 2, dim, f32, acc + g * dim);
 #endif
         for (long t = 0; !split && t < blocks; t++) {
             long first = t * block_size, count = keys - first < block_size ? keys - first : block_size;
