@@ -152,7 +152,9 @@ def test_matvec_matches_pytorch(case, dtype):
     torch.testing.assert_close(out.float(), expected.float(), **tolerance)
 
 
-@pytest.mark.parametrize(("dtype", "weight_dtype"), [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    ("dtype", "weight_dtype"), [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)]
+)
 def test_rms_norm_kernel_matches_the_model(dtype, weight_dtype):
     """gpu.rms_norm equals model.rms_norm over rows of 96 (a padded, masked block of 128), any leading shape, and a
     strided input; a float32 weight on bf16 rows gives float32, as PyTorch's promotion does."""

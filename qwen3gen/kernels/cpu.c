@@ -477,10 +477,10 @@ static float dot_blocks(const uint8_t *w, int type, long k, const float *in, con
    block's 32, a K superblock's 256) becomes 16-bit integers times one power of two per group (make_words), the
    blocks' levels become 16-bit integers (times Q6_K's integer sub-block scales, which fit beside them), and each 32
    products are one multiply-add of 16-bit pairs into 32-bit sums (VNNI's vpdpwssd; madd and add without it), exact
-   (Q4_K and Q5_K take bytes instead: make_bytes). Per group the sum is then scaled in float. A bf16 value keeps all its bits where it is within 2^7 of its
-   group's largest; any other is off by at most 2^-16 of that largest, far below the rounding of the bf16 result. The
-   formats' minimums and offsets multiply the same integer input's sums, so the result is the dequantized weights'
-   product with that input, to float rounding. */
+   (Q4_K and Q5_K take bytes instead: make_bytes). Per group the sum is then scaled in float. A bf16 value keeps all
+   its bits where it is within 2^7 of its group's largest; any other is off by at most 2^-16 of that largest, far
+   below the rounding of the bf16 result. The formats' minimums and offsets multiply the same integer input's sums,
+   so the result is the dequantized weights' product with that input, to float rounding. */
 static inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
 #ifdef __AVX512VNNI__
     return _mm512_dpwssd_epi32(acc, a, b);
@@ -661,7 +661,8 @@ static void make_bytes(const float *in, long k, int8_t *high, int8_t *low, float
                 __m512i h = _mm512_srai_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(128)), 8);
                 long at = g * 256 + 32 * SUB_BLOCK_ORDER[s] + i;
                 _mm_storeu_si128((__m128i *)(high + at), _mm512_cvtepi32_epi8(h));
-                _mm_storeu_si128((__m128i *)(low + at), _mm512_cvtepi32_epi8(_mm512_sub_epi32(x, _mm512_slli_epi32(h, 8))));
+                __m512i l = _mm512_sub_epi32(x, _mm512_slli_epi32(h, 8));
+                _mm_storeu_si128((__m128i *)(low + at), _mm512_cvtepi32_epi8(l));
                 total = _mm512_add_epi32(total, x);
             }
             sums[g * 8 + s] = (float)_mm512_reduce_add_epi32(total) * scales[g];
@@ -670,17 +671,20 @@ static void make_bytes(const float *in, long k, int8_t *high, int8_t *low, float
 }
 /* Q4_K (fifth 0) and Q5_K (fifth 1: after the scales, 32 bytes whose bit s is sub-block s's fifth bits). */
 static inline __attribute__((always_inline)) float dotb_k(const uint8_t *w, const int8_t *high, const int8_t *low,
-                                                          const float *scales, const float *sums, long k, const int fifth) {
+                                                          const float *scales, const float *sums, long k,
+                                                          const int fifth) {
     const long size = fifth ? 176 : 144, at = fifth ? 48 : 16;
     __m512 acc = _mm512_setzero_ps();
     __m256 lows = _mm256_setzero_ps();
-    const __m512i halves = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0), fifteen = _mm512_set1_epi8(15);
+    const __m512i halves = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i fifteen = _mm512_set1_epi8(15);
     for (long b = 0; b < k / 256; b++, w += size, high += 256, low += 256, sums += 8) {
         prefetch(w, (int)size);
         __m512i bytes = _mm512_cvtepu8_epi32(scale_min_bytes(w + 4)); /* lanes 0-7 the scales, 8-15 the minimums */
         __m256 mins = _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(bytes, 1));
         lows = _mm256_fmadd_ps(_mm256_set1_ps(half_at(w + 2)), _mm256_mul_ps(mins, _mm256_loadu_ps(sums)), lows);
-        __m512i qh = fifth ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + 16))) : _mm512_setzero_si512();
+        __m512i qh = _mm512_setzero_si512(); /* Q5_K's fifth bits, in both halves */
+        if (fifth) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + 16)));
         __m512i total = _mm512_setzero_si512();
         for (int j = 0; j < 2; j++) { /* 64 bytes of qs: sub-blocks 4j and 4j + 2 low, 4j + 1 and 4j + 3 high */
             __m512i q = _mm512_loadu_si512(w + at + 64 * j);
@@ -689,7 +693,8 @@ static inline __attribute__((always_inline)) float dotb_k(const uint8_t *w, cons
                 if (fifth) { /* sub-block 4j + n's fifth bits in the first 32 bytes, 4j + n + 2's in the next */
                     __m512i bit = _mm512_mask_blend_epi64(0xF0, _mm512_set1_epi8((char)(1 << (4 * j + n))),
                                                           _mm512_set1_epi8((char)(1 << (4 * j + n + 2))));
-                    levels[n] = _mm512_mask_add_epi8(levels[n], _mm512_test_epi8_mask(qh, bit), levels[n], _mm512_set1_epi8(16));
+                    __mmask64 set = _mm512_test_epi8_mask(qh, bit);
+                    levels[n] = _mm512_mask_add_epi8(levels[n], set, levels[n], _mm512_set1_epi8(16));
                 }
                 const int8_t *h = high + 128 * j + 64 * n, *l = low + 128 * j + 64 * n;
                 __m512i part = dot_quads(_mm512_setzero_si512(), levels[n], _mm512_loadu_si512(h));
@@ -902,8 +907,9 @@ int qwen3gen_block_matvec(const void *x, int x_type, const uint8_t *const *parts
                 float v;
 #ifdef __AVX512BW__
                 int l = layout[p];
-                v = l < 0 ? dot_blocks(w, types[p], k, in, sums) : l < 2 ? dotw_blocks(w, types[p], k, words[l], word_scales[l], word_sums[l])
-                                                                      : dotb_blocks(w, types[p], k, halves[0], halves[1], word_scales[2], word_sums[2]);
+                if (l < 0) v = dot_blocks(w, types[p], k, in, sums);
+                else if (l < 2) v = dotw_blocks(w, types[p], k, words[l], word_scales[l], word_sums[l]);
+                else v = dotb_blocks(w, types[p], k, halves[0], halves[1], word_scales[2], word_sums[2]);
 #else
                 v = dot_blocks(w, types[p], k, in, sums);
 #endif
@@ -1015,7 +1021,8 @@ int qwen3gen_new_token(const void *qkv, int type, long qkv_row_stride, const voi
    hold two values each, a the lane shifted left by 16 (the even values), b the lane with its low half cleared (the
    odd ones), one operation a vector; a float32 row's a and b are its first and last 16. Queries and sums are held
    split the same way (split_row, join_row), so that attention's products need no reordering until the end. */
-static inline __attribute__((always_inline)) void row_halves(const char *row, long c, const int f32, __m512 *a, __m512 *b) {
+static inline __attribute__((always_inline)) void row_halves(const char *row, long c, const int f32, __m512 *a,
+                                                             __m512 *b) {
     if (f32) {
         *a = _mm512_loadu_ps((const float *)row + 32 * c), *b = _mm512_loadu_ps((const float *)row + 32 * c + 16);
         return;
@@ -1024,7 +1031,9 @@ static inline __attribute__((always_inline)) void row_halves(const char *row, lo
     *a = _mm512_castsi512_ps(_mm512_slli_epi32(lanes, 16));
     *b = _mm512_castsi512_ps(_mm512_and_si512(lanes, _mm512_set1_epi32((int)0xffff0000)));
 }
-static long split_index(long i, int f32, int second) { return f32 ? 32 * (i / 16) + 16 * second + i % 16 : 2 * i + second; }
+static long split_index(long i, int f32, int second) { /* where a (second 0) or b (1) holds its value i */
+    return f32 ? 32 * (i / 16) + 16 * second + i % 16 : 2 * i + second;
+}
 static void split_row(const float *v, long dim, int f32, float *a, float *b) {
     for (long i = 0; i < dim / 2; i++) a[i] = v[split_index(i, f32, 0)], b[i] = v[split_index(i, f32, 1)];
 }
@@ -1035,9 +1044,9 @@ static void join_row(const float *a, const float *b, long dim, int f32, float *v
    scores[p * padded + j] = scale * (query p . key j) for count keys of `chunks` x 32 values (rows of size bytes a
    value, one after another), query p split at query + p * dim; four keys at a time, that many independent sums a
    head. */
-static inline __attribute__((always_inline)) void scores_of(const char *keys, long count, const float *query, long padded,
-                                                            float scale, float *scores, const int pair, const long chunks,
-                                                            const int f32) {
+static inline __attribute__((always_inline)) void scores_of(const char *keys, long count, const float *query,
+                                                            long padded, float scale, float *scores, const int pair,
+                                                            const long chunks, const int f32) {
     const long dim = 32 * chunks, half = 16 * chunks, row = dim * (f32 ? 4 : 2);
     for (long j = 0; j < count; j += 4) {
         const int n = count - j < 4 ? (int)(count - j) : 4;
@@ -1050,7 +1059,8 @@ static inline __attribute__((always_inline)) void scores_of(const char *keys, lo
                 row_halves(keys + (j + u) * row, c, f32, &a, &b);
                 for (int p = 0; p < pair; p++) {
                     const float *qp = query + p * dim + 16 * c;
-                    sum[p][u] = _mm512_fmadd_ps(b, _mm512_loadu_ps(qp + half), _mm512_fmadd_ps(a, _mm512_loadu_ps(qp), sum[p][u]));
+                    sum[p][u] = _mm512_fmadd_ps(a, _mm512_loadu_ps(qp), sum[p][u]);
+                    sum[p][u] = _mm512_fmadd_ps(b, _mm512_loadu_ps(qp + half), sum[p][u]);
                 }
             }
         for (int p = 0; p < pair; p++)
@@ -1059,12 +1069,16 @@ static inline __attribute__((always_inline)) void scores_of(const char *keys, lo
 }
 /* For a pair of heads (or one): sum p (split at acc + p * dim) += weights[p * padded + j] * value j for count values;
    a value whose weights are all 0 is not read. */
-static inline __attribute__((always_inline)) void values_of(const char *values, long count, const float *weights, long padded,
-                                                            float *acc, const int pair, const long chunks, const int f32) {
+static inline __attribute__((always_inline)) void values_of(const char *values, long count, const float *weights,
+                                                            long padded, float *acc, const int pair, const long chunks,
+                                                            const int f32) {
     const long dim = 32 * chunks, half = 16 * chunks, row = dim * (f32 ? 4 : 2);
     __m512 sa[2][8], sb[2][8];
     for (int p = 0; p < pair; p++)
-        for (long c = 0; c < chunks; c++) sa[p][c] = _mm512_loadu_ps(acc + p * dim + 16 * c), sb[p][c] = _mm512_loadu_ps(acc + p * dim + half + 16 * c);
+        for (long c = 0; c < chunks; c++) {
+            sa[p][c] = _mm512_loadu_ps(acc + p * dim + 16 * c);
+            sb[p][c] = _mm512_loadu_ps(acc + p * dim + half + 16 * c);
+        }
     for (long j = 0; j < count; j++) {
         if (weights[j] == 0.0f && (pair == 1 || weights[padded + j] == 0.0f)) continue;
         __m512 w[2];
@@ -1079,7 +1093,10 @@ static inline __attribute__((always_inline)) void values_of(const char *values, 
         }
     }
     for (int p = 0; p < pair; p++)
-        for (long c = 0; c < chunks; c++) _mm512_storeu_ps(acc + p * dim + 16 * c, sa[p][c]), _mm512_storeu_ps(acc + p * dim + half + 16 * c, sb[p][c]);
+        for (long c = 0; c < chunks; c++) {
+            _mm512_storeu_ps(acc + p * dim + 16 * c, sa[p][c]);
+            _mm512_storeu_ps(acc + p * dim + half + 16 * c, sb[p][c]);
+        }
 }
 /* A row's blocks lie anywhere in the pool, where no hardware prefetcher looks: the rows of key/value head h of a block
    PREFETCHED ahead are asked for (into L2) while this one is multiplied. */
@@ -1091,7 +1108,8 @@ static void prefetch_block(const void *cache, long block, long kv_heads, long h,
 /* The two for float32 and bf16 heads of dim = 32 chunks: 32, 64, 128 or 256 (SPLIT_ROWS), each with its loops' bounds
    known to the compiler. */
 #define SPLIT_ROWS(dim) ((dim) == 32 || (dim) == 64 || (dim) == 128 || (dim) == 256)
-#define FOR_SHAPE(CALL, C) (f32 ? (pair == 2 ? CALL(2, C, 1) : CALL(1, C, 1)) : (pair == 2 ? CALL(2, C, 0) : CALL(1, C, 0)))
+#define FOR_SHAPE(CALL, C) \
+    (f32 ? (pair == 2 ? CALL(2, C, 1) : CALL(1, C, 1)) : (pair == 2 ? CALL(2, C, 0) : CALL(1, C, 0)))
 #define BY_SHAPE(CALL) \
     switch (dim) { \
     case 32: FOR_SHAPE(CALL, 1); break; \
@@ -1155,7 +1173,8 @@ int qwen3gen_decode_attention(const void *q, int type, const void *k_cache, cons
             continue;
         }
         float *scores = buffer, *query = scores + group * padded, *acc = query + group * dim, *row = acc + group * dim;
-        float *totals = row + dim, *query_split = totals + group, *acc_split = query_split + group * dim; /* split_row's */
+        float *totals = row + dim;
+        float *query_split = totals + group, *acc_split = query_split + group * dim; /* split_row's */
         for (long g = 0; g < group; g++)
             for (long i = 0; i < dim; i += 8) _mm256_storeu_ps(query + g * dim + i, load8(q, type, (b * heads + h * group + g) * dim + i, 8));
 #ifdef __AVX512F__
@@ -1166,10 +1185,11 @@ int qwen3gen_decode_attention(const void *q, int type, const void *k_cache, cons
             long first = t * block_size, count = keys - first < block_size ? keys - first : block_size;
             long base = ((long)table[t] * kv_heads + h) * block_size * dim; /* this block's keys for head h */
 #ifdef __AVX512F__
-            if (split && t + PREFETCHED < blocks) prefetch_block(k_cache, table[t + PREFETCHED], kv_heads, h, block_size, row_bytes);
+            if (split && t + PREFETCHED < blocks)
+                prefetch_block(k_cache, table[t + PREFETCHED], kv_heads, h, block_size, row_bytes);
             for (long g = 0; split && g < group; g += 2)
-                split_scores((const char *)k_cache + base / dim * row_bytes, count, dim, f32, query_split + g * dim, padded,
-                             group - g > 1 ? 2 : 1, scale, scores + g * padded + first);
+                split_scores((const char *)k_cache + base / dim * row_bytes, count, dim, f32, query_split + g * dim,
+                             padded, group - g > 1 ? 2 : 1, scale, scores + g * padded + first);
             if (split) continue;
 #endif
             for (long j = 0; j < count; j++) {
@@ -1194,12 +1214,14 @@ int qwen3gen_decode_attention(const void *q, int type, const void *k_cache, cons
         for (long t = 0; split && t < blocks; t++) {
             long first = t * block_size, count = keys - first < block_size ? keys - first : block_size;
             long base = ((long)table[t] * kv_heads + h) * block_size * dim;
-            if (t + PREFETCHED < blocks) prefetch_block(v_cache, table[t + PREFETCHED], kv_heads, h, block_size, row_bytes);
+            if (t + PREFETCHED < blocks)
+                prefetch_block(v_cache, table[t + PREFETCHED], kv_heads, h, block_size, row_bytes);
             for (long g = 0; g < group; g += 2)
-                split_values((const char *)v_cache + base / dim * row_bytes, count, dim, f32, scores + g * padded + first,
-                             padded, group - g > 1 ? 2 : 1, acc_split + g * dim);
+                split_values((const char *)v_cache + base / dim * row_bytes, count, dim, f32,
+                             scores + g * padded + first, padded, group - g > 1 ? 2 : 1, acc_split + g * dim);
         }
-        for (long g = 0; split && g < group; g++) join_row(acc_split + g * dim, acc_split + g * dim + dim / 2, dim, f32, acc + g * dim);
+        for (long g = 0; split && g < group; g++)
+            join_row(acc_split + g * dim, acc_split + g * dim + dim / 2, dim, f32, acc + g * dim);
 #endif
         for (long t = 0; !split && t < blocks; t++) {
             long first = t * block_size, count = keys - first < block_size ? keys - first : block_size;
