@@ -1155,11 +1155,11 @@ int qwen3gen_decode_attention(const void *q, int type, const void *k_cache, cons
         }
     }
     long group = heads / kv_heads;
-    int failed = 0, split = 0; /* split: through split_scores and split_values (AVX-512) */
-#ifdef __AVX512F__
+    int failed = 0;
+#ifdef __AVX512F__ /* split: through split_scores and split_values */
     int f32 = type == F32;
     long row_bytes = dim * (f32 ? 4 : 2);
-    split = (f32 || type == BF16) && SPLIT_ROWS(dim);
+    int split = (f32 || type == BF16) && SPLIT_ROWS(dim);
 #endif
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
     for (long task = 0; task < rows * kv_heads; task++) { /* dynamic: the rows' lengths differ, so do the tasks' costs */
@@ -1210,22 +1210,17 @@ int qwen3gen_decode_attention(const void *q, int type, const void *k_cache, cons
             totals[g] = sum8(total);
             for (long i = 0; i < dim; i++) acc[g * dim + i] = acc_split[g * dim + i] = 0.0f;
         }
-#ifdef __AVX512F__
-        for (long t = 0; split && t < blocks; t++) {
+        for (long t = 0; t < blocks; t++) {
             long first = t * block_size, count = keys - first < block_size ? keys - first : block_size;
             long base = ((long)table[t] * kv_heads + h) * block_size * dim;
-            if (t + PREFETCHED < blocks)
+#ifdef __AVX512F__
+            if (split && t + PREFETCHED < blocks)
                 prefetch_block(v_cache, table[t + PREFETCHED], kv_heads, h, block_size, row_bytes);
-            for (long g = 0; g < group; g += 2)
+            for (long g = 0; split && g < group; g += 2)
                 split_values((const char *)v_cache + base / dim * row_bytes, count, dim, f32,
                              scores + g * padded + first, padded, group - g > 1 ? 2 : 1, acc_split + g * dim);
-        }
-        for (long g = 0; split && g < group; g++)
-            join_row(acc_split + g * dim, acc_split + g * dim + dim / 2, dim, f32, acc + g * dim);
+            if (split) continue;
 #endif
-        for (long t = 0; !split && t < blocks; t++) {
-            long first = t * block_size, count = keys - first < block_size ? keys - first : block_size;
-            long base = ((long)table[t] * kv_heads + h) * block_size * dim;
             for (long j = 0; j < count; j++) {
                 int seen = 0; /* a value whose weights all underflowed to 0 adds nothing: not read */
                 for (long g = 0; g < group; g++) seen |= scores[g * padded + first + j] != 0.0f;
@@ -1238,6 +1233,10 @@ int qwen3gen_decode_attention(const void *q, int type, const void *k_cache, cons
                 }
             }
         }
+#ifdef __AVX512F__
+        for (long g = 0; split && g < group; g++)
+            join_row(acc_split + g * dim, acc_split + g * dim + dim / 2, dim, f32, acc + g * dim);
+#endif
         for (long g = 0; g < group; g++) {
             __m256 divisor = _mm256_set1_ps(totals[g]);
             for (long i = 0; i < dim; i += 8)

@@ -16,15 +16,17 @@ layer is five (four products, and the new token's q/k/v with its attention):
 - `paged_attention`: causal attention of a step's new tokens of any mix (whole prompts, chunks after a cached
   context, decodes) over the pool, no padding, one program per (tile of a request's tokens, key/value head); the
   step's other work stays PyTorch's (new_token writes its keys and values, a program per token).
+- `rms_norm`: an RMSNorm outside the products (the final one before the output head; an eager step's at batch > 1)
+  in one kernel, where its PyTorch lines are eight.
 
 The KV pool holds each layer's keys and values in blocks, [num_blocks, kv_heads, block_size, head_dim]; a row's
 context slot j lies in block block_tables[row, j // block_size] at offset j % block_size (attention.py). The kernels
 read the slots, block tables and context lengths from device memory and their grids and constexprs depend only on
 shapes, so one launch (one CUDA graph per batch size) serves every length as contexts grow.
 
-All are torch custom ops (new_token and decode_step_attention mutating the cache buffers), so torch.compile and CUDA graphs see one
-opaque call each. The model uses them only on CUDA; the tests run the same kernels on CPU tensors through Triton's
-interpreter (TRITON_INTERPRET=1) and compare them with the model's PyTorch lines.
+All are torch custom ops (new_token and decode_step_attention mutating the cache buffers), so torch.compile and CUDA
+graphs see one opaque call each. The model uses them only on CUDA; the tests run the same kernels on CPU tensors
+through Triton's interpreter (TRITON_INTERPRET=1) and compare them with the model's PyTorch lines.
 """
 
 from __future__ import annotations
